@@ -1,0 +1,174 @@
+"""Every model's hyperparameters, one dataclass per model, plus named presets.
+
+A config is plain data: it is saved as `config.json` beside the weights (`model.pt`) and is all
+that is needed to rebuild the model. Presets:
+  `tiny`   - seconds on a CPU: the tests and the notebooks' quick mode (LDM_QUICK=1)
+  `small`  - the teaching runs (minutes on a 2-core laptop)
+  `sd`     - the Stable Diffusion VAE (Rombach et al. 2022), to load real weights into (convert.py)
+
+Each preset table is a dict from name to a function returning a fresh config; `get_preset` is the
+one place a name becomes a config, and it lists the valid names when given a wrong one.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
+
+
+@dataclass
+class AutoencoderConfig:
+    """Stage 1: the KL autoencoder (Rombach et al. 2022, Sec. 3 and App. G)."""
+    in_channels: int = 3                 # image channels (3 for RGB, 1 for MNIST)
+    ch: int = 64                         # width of the first level
+    ch_mult: tuple[int, ...] = (1, 2, 2, 4)   # width multiplier per level; f = 2 ** (len(ch_mult) - 1)
+    num_res_blocks: int = 1              # ResNet blocks per level (the decoder uses one more, as in LDM)
+    z_channels: int = 4                  # latent channels c
+    norm_groups: int = 32                # GroupNorm groups (clipped to divide the width)
+    dropout: float = 0.0
+    mid_attention: bool = True           # single-head self-attention in the middle block
+    # 1 / std of the training latents, measured after training (SD's is 0.18215); 1.0 = not measured yet.
+    scale_factor: float = 1.0
+
+    @property
+    def f(self) -> int:
+        """Spatial downsampling factor: each level after the first halves H and W."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclass
+class LossConfig:
+    """Stage 1 loss: L1 + perceptual (LPIPS form) with a learned log-variance, KL, and PatchGAN."""
+    perceptual_weight: float = 1.0
+    kl_weight: float = 1e-6              # LDM's value; fits the SUM-over-pixels scale (see losses.py)
+    logvar_init: float = 0.0
+    disc_start: int = 2000               # optimizer steps before the discriminator is used or trained
+    disc_weight: float = 0.5             # multiplies the adaptive weight (LDM's default)
+    disc_factor: float = 1.0
+    disc_channels: int = 64
+    disc_layers: int = 3
+    disc_loss: str = "hinge"             # "hinge" or "vanilla" (non-saturating)
+    adaptive_weight_max: float = 1e4     # clamp on ||grad L_rec|| / (||grad L_G|| + 1e-4)
+    perceptual_net: str = "default"      # "default" (shipped offline net), "vgg16" (needs local weights), "none"
+
+
+@dataclass
+class DiffusionConfig:
+    """The noise process (Ho et al. 2020): linear betas 1e-4..0.02 over T = 1000 steps."""
+    num_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    schedule: str = "linear"             # "linear" (DDPM), "cosine" (Nichol & Dhariwal 2021) as a contrast
+    prediction: str = "eps"              # "eps" or "v"
+
+
+@dataclass
+class UNetConfig:
+    """Stage 2 denoiser: the U-Net of DDPM/LDM with time scale-shift and (cross-)attention."""
+    in_channels: int = 1
+    out_channels: int = 1
+    ch: int = 64
+    ch_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (8,)    # feature-map sizes (H) that get self-attention
+    num_heads: int = 4
+    dropout: float = 0.0
+    norm_groups: int = 32
+    num_classes: int = 0                 # >0: class-conditional; class num_classes is the null class (CFG)
+    context_dim: int = 0                 # >0: cross-attention to a (B, N, context_dim) context sequence
+    sample_size: int = 32                # H = W of the input the model is built for
+
+
+@dataclass
+class TrainConfig:
+    """The one training loop's knobs (train.py), shared by both stages."""
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 2e-4
+    disc_lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.5, 0.9)
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    precision: str = "auto"              # "auto" (bf16 autocast where supported), "bf16", "fp32"
+    seed: int = 0
+    log_every: int = 50
+    sample_every: int = 500
+    ckpt_every: int = 500
+    max_minutes: float = 0.0             # >0: stop (and checkpoint) after this wall time
+    num_workers: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets
+# ---------------------------------------------------------------------------------------------
+
+AUTOENCODER_PRESETS: dict[str, Callable[[], AutoencoderConfig]] = {
+    # f = 4, 2 levels of downsampling; seconds per step on a CPU.
+    "tiny": lambda: AutoencoderConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, norm_groups=8),
+    # MNIST-5k (1 x 32 x 32) -> 4 x 8 x 8 (f = 4): the latent the later stages dream in.
+    "small-f4": lambda: AutoencoderConfig(in_channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
+                                          z_channels=4, norm_groups=16),
+    # Photo crops (3 x H x W) -> 4 x H/8 x W/8: the chapter's 48x compression.
+    "small-f8": lambda: AutoencoderConfig(in_channels=3, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1,
+                                          z_channels=4, norm_groups=16),
+    # Stable Diffusion's VAE: ch 128, ch_mult 1,2,4,4, 2 res blocks, z 4, f 8 (~84M parameters).
+    "sd": lambda: AutoencoderConfig(in_channels=3, ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2,
+                                    z_channels=4, norm_groups=32, scale_factor=0.18215),
+}
+
+UNET_PRESETS: dict[str, Callable[[], UNetConfig]] = {
+    "tiny": lambda: UNetConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), num_heads=2,
+                               norm_groups=8, sample_size=32),
+    "small": lambda: UNetConfig(ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(8,), num_heads=4,
+                                norm_groups=32, sample_size=32),
+}
+
+T = TypeVar("T")
+
+
+def get_preset(table: dict[str, Callable[[], T]], name: str, kind: str = "model") -> T:
+    """Return a fresh config for `name`, or raise ValueError listing the valid names."""
+    if name not in table:
+        raise ValueError(f"unknown {kind} preset {name!r}; valid presets: {', '.join(sorted(table))}")
+    return table[name]()
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """A JSON-ready dict of a config dataclass (tuples become lists)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(cls: type[T], d: dict, source: str = "config") -> T:
+    """Rebuild a config dataclass from a dict, naming missing, unknown or wrongly-typed fields."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: expected a JSON object for {cls.__name__}, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ValueError(f"{source}: unknown field(s) {unknown} for {cls.__name__}; valid fields: {sorted(fields)}")
+    missing = sorted(n for n, f in fields.items()
+                     if n not in d and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+    if missing:
+        raise ValueError(f"{source}: missing field(s) {missing} for {cls.__name__}")
+    kwargs = {}
+    for name, value in d.items():
+        default = getattr(cls(), name) if not missing else None
+        if isinstance(default, tuple) and isinstance(value, list):
+            value = tuple(value)
+        if default is not None and not _same_kind(default, value):
+            raise ValueError(f"{source}: field {name!r} of {cls.__name__} should be like {default!r}, got {value!r}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _same_kind(default: Any, value: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, tuple):
+        return isinstance(value, tuple)
+    return isinstance(value, type(default))
