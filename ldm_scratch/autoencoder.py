@@ -1,0 +1,279 @@
+"""Stage 1: the KL-regularised autoencoder (Rombach et al. 2022, Sec. 3 and App. G).
+
+Images (B, C, H, W) in [-1, 1] -> a diagonal Gaussian posterior q(z|x) over latents (B, c, H/f, W/f)
+-> a decoder back to (B, C, H, W). Stage 2 dreams in z * scale_factor; the decoder renders the final
+latent once. The layout (and so the parameter names convert.py maps onto) follows LDM/SD:
+
+  Encoder: conv_in -> per level [num_res_blocks ResnetBlocks, Downsample except at the last level]
+           -> mid (ResnetBlock, single-head SelfAttention2d, ResnetBlock) -> GroupNorm, SiLU, conv_out
+           -> 2c channels (mean and log-variance)  -> quant_conv (1x1)
+  Decoder: post_quant_conv (1x1) -> conv_in -> mid -> per level, deepest first,
+           [num_res_blocks + 1 ResnetBlocks, Upsample except at the shallowest level]
+           -> GroupNorm, SiLU, conv_out
+
+The two 1x1 convs are leftovers of LDM's shared code with the VQ model (they sit where its codebook
+projection sat); they are kept because SD's weights contain them. There is no init_weights(): LDM
+and SD train from PyTorch's default initialisation, and so do we.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm_scratch.checkpoint import load_model_folder, save_model_folder
+from ldm_scratch.config import AutoencoderConfig, config_from_dict, config_to_dict
+from ldm_scratch.layers import Downsample, Normalize, ResnetBlock, SelfAttention2d, Upsample
+
+# LDM's clamp on the posterior log-variance. Above: var = e^20 ~ 5e8 is already far beyond any useful
+# latent spread, and it keeps exp(logvar) (and the KL's var term) finite instead of overflowing to inf
+# (fp32 exp overflows near 88). Below: std = e^-15 ~ 3e-7 is already a point mass at latent scale; the
+# reconstruction loss alone would push logvar to -inf, and the KL's -logvar term would follow it.
+LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
+
+
+class DiagonalGaussian:
+    """q(z|x) = N(mean, diag(exp(logvar))), from the encoder's 2c channels split into mean | logvar."""
+
+    def __init__(self, parameters: torch.Tensor):
+        if parameters.dim() < 2 or parameters.shape[1] % 2:
+            raise ValueError(f"expected (B, 2c, ...) parameters (mean and logvar stacked on dim 1), "
+                             f"got shape {tuple(parameters.shape)}")
+        mean, logvar = parameters.chunk(2, dim=1)  # (B, 2c, h, w) -> 2 x (B, c, h, w)
+        self.mean = mean
+        self.logvar = logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    @classmethod
+    def from_mean_logvar(cls, mean: torch.Tensor, logvar: torch.Tensor) -> "DiagonalGaussian":
+        return cls(torch.cat([mean, logvar], dim=1))  # 2 x (B, c, h, w) -> (B, 2c, h, w)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Reparameterised sample (Kingma & Welling 2014, Sec. 2.4): gradients flow to mean and logvar.
+        A `generator` must live on the same device as the latents (e.g. torch.Generator("cuda"))."""
+        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        # z = mean + std * eps, eps ~ N(0, I)
+        return self.mean + self.std * eps
+
+    def mode(self) -> torch.Tensor:
+        """The most likely latent (= the mean): what you use to reconstruct without noise."""
+        return self.mean
+
+    def kl(self, other: "DiagonalGaussian | None" = None) -> torch.Tensor:
+        """KL(self || other), summed over all but the batch dim: (B,). `other=None` means N(0, I)."""
+        dims = tuple(range(1, self.mean.dim()))
+        if other is None:
+            # KL(N(mu, var) || N(0, 1)) = 0.5 * sum(mu^2 + var - 1 - log var)
+            return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=dims)
+        # KL(N(mu1, var1) || N(mu2, var2)) = 0.5 * sum((mu1 - mu2)^2 / var2 + var1 / var2 - 1 - log var1 + log var2)
+        return 0.5 * torch.sum((self.mean - other.mean).pow(2) / other.var + self.var / other.var
+                               - 1.0 - self.logvar + other.logvar, dim=dims)
+
+    def nll(self, x: torch.Tensor) -> torch.Tensor:
+        """-log q(x), summed over all but the batch dim: (B,)."""
+        dims = tuple(range(1, self.mean.dim()))
+        # -log N(x; mu, var) = 0.5 * (log(2 pi) + log var + (x - mu)^2 / var)
+        return 0.5 * torch.sum(math.log(2.0 * math.pi) + self.logvar + (x - self.mean).pow(2) / self.var, dim=dims)
+
+
+class Encoder(nn.Module):
+    """(B, C, H, W) -> (B, 2c, H/f, W/f): the mean and log-variance of q(z|x), stacked."""
+
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        widths = [cfg.ch * m for m in cfg.ch_mult]  # e.g. ch 128, ch_mult (1,2,4,4) -> 128, 256, 512, 512
+        g, p = cfg.norm_groups, cfg.dropout
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        c_in = cfg.ch
+        for i, c_out in enumerate(widths):
+            level = nn.Module()
+            level.blocks = nn.ModuleList(
+                [ResnetBlock(c_in if j == 0 else c_out, c_out, dropout=p, groups=g) for j in range(cfg.num_res_blocks)])
+            # asymmetric (right/bottom) padding: SD's convention, needed for its weights to give its outputs
+            level.downsample = Downsample(c_out, padding="asymmetric") if i < len(widths) - 1 else nn.Identity()
+            self.down.append(level)
+            c_in = c_out
+        self.mid_block1 = ResnetBlock(c_in, c_in, dropout=p, groups=g)
+        self.mid_attn = SelfAttention2d(c_in, num_heads=1, groups=g) if cfg.mid_attention else nn.Identity()
+        self.mid_block2 = ResnetBlock(c_in, c_in, dropout=p, groups=g)
+        self.norm_out = Normalize(c_in, g)
+        self.conv_out = nn.Conv2d(c_in, 2 * cfg.z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)  # (B, C, H, W) -> (B, ch, H, W)
+        for level in self.down:
+            for block in level.blocks:
+                h = block(h)  # (B, C_in, h, w) -> (B, C_out, h, w)
+            h = level.downsample(h)  # (B, C_out, h, w) -> (B, C_out, h/2, w/2), except at the last level
+        h = self.mid_block1(h)
+        h = self.mid_attn(h)  # global mixing at the coarsest grid, where H*W tokens are fewest
+        h = self.mid_block2(h)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, C_last, H/f, W/f) -> (B, 2c, H/f, W/f)
+
+
+class Decoder(nn.Module):
+    """(B, c, H/f, W/f) -> (B, C, H, W). Mirrors the encoder with one extra ResnetBlock per level (LDM)."""
+
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        g, p = cfg.norm_groups, cfg.dropout
+        c_in = widths[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels, c_in, 3, padding=1)
+        self.mid_block1 = ResnetBlock(c_in, c_in, dropout=p, groups=g)
+        self.mid_attn = SelfAttention2d(c_in, num_heads=1, groups=g) if cfg.mid_attention else nn.Identity()
+        self.mid_block2 = ResnetBlock(c_in, c_in, dropout=p, groups=g)
+        # self.up[0] is the deepest level (the order forward runs them in, and diffusers' order;
+        # CompVis numbers them the other way round, see convert.py)
+        self.up = nn.ModuleList()
+        for i, c_out in enumerate(reversed(widths)):
+            level = nn.Module()
+            level.blocks = nn.ModuleList(
+                [ResnetBlock(c_in if j == 0 else c_out, c_out, dropout=p, groups=g)
+                 for j in range(cfg.num_res_blocks + 1)])
+            level.upsample = Upsample(c_out) if i < len(widths) - 1 else nn.Identity()
+            self.up.append(level)
+            c_in = c_out
+        self.norm_out = Normalize(c_in, g)
+        self.conv_out = nn.Conv2d(c_in, cfg.in_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(z)  # (B, c, H/f, W/f) -> (B, C_last, H/f, W/f)
+        h = self.mid_block1(h)
+        h = self.mid_attn(h)
+        h = self.mid_block2(h)
+        for level in self.up:
+            for block in level.blocks:
+                h = block(h)  # (B, C_in, h, w) -> (B, C_out, h, w)
+            h = level.upsample(h)  # (B, C_out, h, w) -> (B, C_out, 2h, 2w), except at the last level
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, ch, H, W) -> (B, C, H, W)
+
+
+class AutoencoderKL(nn.Module):
+    """Encoder + Gaussian posterior + decoder. The loss (losses.py) is separate: the model knows no training."""
+
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
+        self.decoder = Decoder(cfg)
+
+    @property
+    def scale_factor(self) -> float:
+        """1 / std of the training latents; stage 2 works on z * scale_factor. Stored in the config."""
+        return self.cfg.scale_factor
+
+    @scale_factor.setter
+    def scale_factor(self, value: float) -> None:
+        self.cfg.scale_factor = float(value)
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The decoder's final conv weight: where the adaptive GAN weight compares gradient norms."""
+        return self.decoder.conv_out.weight
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        _check_images(x, self.cfg)
+        moments = self.quant_conv(self.encoder(x))  # (B, C, H, W) -> (B, 2c, H/f, W/f)
+        return DiagonalGaussian(moments)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        _check_latents(z, self.cfg)
+        return self.decoder(self.post_quant_conv(z))  # (B, c, H/f, W/f) -> (B, C, H, W)
+
+    def forward(self, x: torch.Tensor, sample_posterior: bool = True,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
+        posterior = self.encode(x)
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()  # (B, c, H/f, W/f)
+        return self.decode(z), posterior
+
+    # ------------------------------------------------------------------ model folder
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write `folder/config.json` (scale_factor included) and `folder/model.pt`."""
+        save_model_folder(folder, self, {"model": "AutoencoderKL", "config": config_to_dict(self.cfg)})
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> "AutoencoderKL":
+        """Rebuild from a folder written by save_pretrained; mismatches raise CheckpointError naming the file."""
+        model, _ = load_model_folder(folder, _build_from_config_dict, map_location)
+        return model
+
+
+def _build_from_config_dict(d: dict) -> AutoencoderKL:
+    if not isinstance(d, dict) or d.get("model") != "AutoencoderKL" or "config" not in d:
+        got = d.get("model") if isinstance(d, dict) else type(d).__name__
+        raise ValueError(f'expected {{"model": "AutoencoderKL", "config": {{...}}}}, got model {got!r}')
+    return AutoencoderKL(config_from_dict(AutoencoderConfig, d["config"], source="config.json"))
+
+
+def _check_images(x: torch.Tensor, cfg: AutoencoderConfig) -> None:
+    """Say what the encoder expects, rather than failing deep inside a conv."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"expected images of shape (B, {cfg.in_channels}, H, W), got {shape}; "
+                         f"add a batch dimension with x.unsqueeze(0) for a single image")
+    B, C, H, W = x.shape
+    if C != cfg.in_channels:
+        raise ValueError(f"expected {cfg.in_channels} image channel(s) (cfg.in_channels), got {C} "
+                         f"in shape {tuple(x.shape)}")
+    f = cfg.f
+    if H % f or W % f:
+        # The asymmetric-padded encoder would accept it, but the decoder could not give back H x W.
+        suggest = f"{math.ceil(H / f) * f}x{math.ceil(W / f) * f}"
+        raise ValueError(f"image size {H}x{W} is not divisible by the downsampling factor f={f} "
+                         f"(ch_mult has {len(cfg.ch_mult)} levels); use a size that is a multiple of {f}, "
+                         f"e.g. {suggest}")
+
+
+def _check_latents(z: torch.Tensor, cfg: AutoencoderConfig) -> None:
+    if not isinstance(z, torch.Tensor) or z.dim() != 4 or z.shape[1] != cfg.z_channels:
+        shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+        raise ValueError(f"expected latents of shape (B, {cfg.z_channels}, h, w) (cfg.z_channels), got {shape}")
+
+
+@torch.no_grad()
+def measure_scale_factor(model: AutoencoderKL, data: torch.Tensor | Iterable, batch_size: int = 64,
+                         max_batches: int | None = None, sample_posterior: bool = True,
+                         generator: torch.Generator | None = None) -> float:
+    """scale_factor = 1 / std(z) over the training images, so stage 2 sees latents of unit spread.
+
+    SD's 0.18215 is this number for its VAE on its data (Rombach et al. 2022, Sec. 4.3.2: the latents
+    of a KL autoencoder are rescaled to unit variance, the std estimated from a batch of training
+    latents); for our own autoencoders it must be measured, never copied. We use posterior *samples*,
+    like SD's code, because samples are what the diffusion model is trained on (LDM encodes its
+    training images with .sample()); with LDM's tiny KL weight the posterior std is small next to the
+    spread of the means, so modes give nearly the same number. The std is over every element (one
+    number for all channels), centred, accumulated in float64 over all batches, not just the first.
+
+    data: an (N, C, H, W) tensor, or an iterable of batches (a tensor or an (x, label, ...) tuple).
+    """
+    was_training = model.training
+    model.eval()  # dropout off: we measure the model as stage 2 will use it
+    device = next(model.parameters()).device
+    if isinstance(data, torch.Tensor):
+        data = data.split(batch_size)
+    n, total, total_sq = 0, 0.0, 0.0
+    for i, batch in enumerate(data):
+        if max_batches is not None and i >= max_batches:
+            break
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        posterior = model.encode(x.to(device))
+        z = (posterior.sample(generator) if sample_posterior else posterior.mode()).double()
+        n += z.numel()
+        total += z.sum().item()
+        total_sq += z.pow(2).sum().item()
+    model.train(was_training)
+    if n < 2:
+        raise ValueError("measure_scale_factor needs at least one image with more than one latent element")
+    # unbiased variance = (sum z^2 - n * mean^2) / (n - 1)
+    mean = total / n
+    var = (total_sq - n * mean * mean) / (n - 1)
+    return 1.0 / math.sqrt(var)
