@@ -34,6 +34,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a saved model should be readable like any file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
