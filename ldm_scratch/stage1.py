@@ -1,0 +1,155 @@
+"""Stage 1 as a training task: the KL autoencoder against its perceptual + adversarial loss
+(Rombach et al. 2022, Sec. 3 and App. G; Esser et al. 2021, Sec. 3.1 for the PatchGAN recipe).
+
+Where it sits: train.py's Trainer runs this task; its output, `out_dir/model/`, is the frozen
+autoencoder that stage 2 dreams inside. Two optimizers take turns every step:
+  "ae"   - encoder, decoder and the loss module's learned log-variance (LDM declares that logvar
+           but leaves it out of its optimizer, so it never moves; here it is trained)
+  "disc" - the PatchGAN discriminator, on the step's reconstruction, detached; it is neither
+           applied nor trained before `disc_start` (its loss returns None, so the Trainer skips it)
+
+No EMA for the autoencoder: LDM keeps none for stage 1, and the discriminator adapts to the raw
+decoder, so the raw weights are what gets saved.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm_scratch.autoencoder import AutoencoderKL, measure_scale_factor
+from ldm_scratch.config import AutoencoderConfig, LossConfig, TrainConfig, config_to_dict
+from ldm_scratch.losses import AutoencoderLoss
+from ldm_scratch.train import save_image_grid
+
+# The bar shows the terms that say whether stage 1 is healthy: reconstruction, KL, generator loss,
+# the adaptive weight and the real-minus-fake logits gap (a gap that runs away = D is winning).
+POSTFIX_WORDS = ("rec", "kl", "g_loss", "d_weight", "gap")
+# Images the scale factor is measured on: 1024 images x c x (H/f)^2 latents (65k numbers at
+# 4 x 8 x 8) pin a std down to about 1 / sqrt(2 * 65k) = 0.3% relative error.
+SCALE_IMAGES = 1024
+
+
+def images_of(batch: Any) -> torch.Tensor:
+    """The image tensor of a batch that may be `x` or `(x, label, ...)`."""
+    return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+class AutoencoderTask:
+    """The train.py task protocol for stage 1: modules, optimizers, the two losses, sample grids."""
+
+    def __init__(self, ae_cfg: AutoencoderConfig, loss_cfg: LossConfig, sample_images: torch.Tensor | None = None):
+        self.ae_cfg, self.loss_cfg = ae_cfg, loss_cfg
+        self.ae = AutoencoderKL(ae_cfg)
+        self.loss_fn = AutoencoderLoss(loss_cfg, ae_cfg.in_channels)
+        self.ae_forward: Callable = self.ae  # replaced by a DDP wrapper under torchrun
+        self.sample_images = sample_images  # a fixed batch for the reconstruction grids
+        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.postfix_keys: list[str] = []
+
+    # ------------------------------------------------------------------ protocol
+    def modules(self) -> dict[str, nn.Module]:
+        return {"autoencoder": self.ae, "loss": self.loss_fn}
+
+    def optimizers(self, cfg: TrainConfig) -> dict[str, torch.optim.Optimizer]:
+        opts = {
+            # encoder + decoder + logvar; the frozen perceptual net is in neither optimizer
+            "ae": torch.optim.AdamW(self.loss_fn.generator_parameters(self.ae), lr=cfg.lr, betas=cfg.betas,
+                                    weight_decay=cfg.weight_decay),
+            "disc": torch.optim.AdamW(self.loss_fn.discriminator_parameters(), lr=cfg.disc_lr, betas=cfg.betas,
+                                      weight_decay=cfg.weight_decay),
+        }
+        self.loss_fn.check_optimizers(opts["ae"], opts["disc"])
+        return opts
+
+    def loss(self, name: str, batch: Any, step: int) -> tuple[torch.Tensor | None, dict]:
+        x = images_of(batch)
+        if self.sample_images is None:
+            self.sample_images = x[:8].detach().clone()
+        if name == "ae":
+            x_rec, posterior = self.ae_forward(x)  # a sample from q(z|x), decoded: (B, C, H, W)
+            loss, logs = self.loss_fn.generator_loss(x, x_rec, posterior, step, self.ae.last_layer)
+            self._cache = (x, x_rec.detach())  # the discriminator sees this recon, with no path back into the AE
+            self._set_postfix(logs)
+            return loss, logs
+        if name == "disc":
+            if not self.loss_fn.disc_active(step):
+                return None, {}
+            x, x_rec = self._cache
+            loss, logs = self.loss_fn.discriminator_loss(x, x_rec, step)
+            self._set_postfix(logs)
+            return loss, logs
+        raise ValueError(f"unknown optimizer name {name!r}; expected 'ae' or 'disc'")
+
+    def _set_postfix(self, logs: dict) -> None:
+        for k in logs:
+            if k not in self.postfix_keys and any(w in k for w in POSTFIX_WORDS):
+                self.postfix_keys.append(k)
+
+    def ema_module(self) -> nn.Module | None:
+        return None  # see the module docstring: no EMA in stage 1
+
+    def config_dict(self) -> dict:
+        return {"autoencoder": config_to_dict(self.ae_cfg), "loss": config_to_dict(self.loss_cfg)}
+
+    def distribute(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """DDP: the autoencoder only. The discriminator's and logvar's gradients are not averaged by
+        DDP, and the adaptive weight is taken per rank; so stage 1 under torchrun is refused for now."""
+        raise ValueError("stage 1 does not support DDP yet (two optimizers and the adaptive weight's "
+                         "autograd.grad); run it in one process. Stage 2 tasks support torchrun.")
+
+    @torch.no_grad()
+    def sample(self, step: int, out_dir: str | os.PathLike) -> None:
+        """A reconstruction grid: inputs on the top row, posterior-mode reconstructions below."""
+        if self.sample_images is None:
+            return
+        self.ae.eval()
+        x = self.sample_images.to(next(self.ae.parameters()).device)
+        x_rec = self.ae.decode(self.ae.encode(x).mode())
+        save_image_grid([x, x_rec], Path(out_dir) / "samples" / f"recon_{step:06d}.png",
+                        title=f"step {step}: input (top) vs reconstruction (bottom)")
+
+    # ------------------------------------------------------------------ after training
+    def finish(self, data: torch.utils.data.Dataset, out_dir: str | os.PathLike,
+               max_images: int = SCALE_IMAGES) -> float:
+        """Measure scale_factor = 1 / std(z) on (up to max_images) training images, store it in the
+        config and save the model folder `out_dir/model/` (raw weights). Returns the scale factor."""
+        loader = torch.utils.data.DataLoader(data, batch_size=64, shuffle=False)
+        self.ae.scale_factor = measure_scale_factor(self.ae, loader, max_batches=max(1, max_images // 64),
+                                                    generator=torch.Generator().manual_seed(0))
+        self.ae.save_pretrained(Path(out_dir) / "model")
+        return self.ae.scale_factor
+
+
+def stack_images(data: torch.utils.data.Dataset, n: int) -> torch.Tensor:
+    """The first n images of a dataset as one (n, C, H, W) tensor."""
+    return torch.stack([images_of(data[i]) for i in range(min(n, len(data)))])
+
+
+def floor_reconstruction(x: torch.Tensor, f: int) -> torch.Tensor:
+    """The non-learned baseline an autoencoder must beat: average each f x f pixel block (the latent's
+    spatial grid, keeping all C channels), then bicubic upsampling back to full size."""
+    small = F.interpolate(x, scale_factor=1 / f, mode="area")  # (B, C, H, W) -> (B, C, H/f, W/f)
+    up = F.interpolate(small, size=x.shape[-2:], mode="bicubic", align_corners=False)  # -> (B, C, H, W)
+    return up.clamp(-1, 1)  # bicubic overshoots the range at edges
+
+
+@torch.no_grad()
+def evaluate_photo(model: AutoencoderKL, name: str = "astronaut") -> dict[str, float]:
+    """PSNR/SSIM of the full-size held-out photo through the autoencoder (posterior mode, no noise),
+    beside the same numbers for the area-down / bicubic-up floor at the model's f."""
+    from ldm_scratch.data import load_photo
+    from ldm_scratch.metrics import psnr, ssim
+    x = load_photo(name)
+    if x.dim() == 3:
+        x = x.unsqueeze(0)  # (C, H, W) -> (1, C, H, W)
+    model.eval()
+    x = x.to(next(model.parameters()).device)
+    x_rec = model.decode(model.encode(x).mode()).clamp(-1, 1)
+    floor = floor_reconstruction(x, model.cfg.f if hasattr(model, "cfg") else 8)
+    return {"psnr": psnr(x_rec, x), "ssim": ssim(x_rec, x),
+            "floor_psnr": psnr(floor, x), "floor_ssim": ssim(floor, x)}
