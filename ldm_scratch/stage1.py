@@ -119,8 +119,10 @@ class AutoencoderTask:
         """Measure scale_factor = 1 / std(z) on (up to max_images) training images, store it in the
         config and save the model folder `out_dir/model/` (raw weights). Returns the scale factor."""
         loader = torch.utils.data.DataLoader(data, batch_size=64, shuffle=False)
+        # The generator must live where the latents are sampled (a CPU generator fails on cuda).
+        generator = torch.Generator(next(self.ae.parameters()).device).manual_seed(0)
         self.ae.scale_factor = measure_scale_factor(self.ae, loader, max_batches=max(1, max_images // 64),
-                                                    generator=torch.Generator().manual_seed(0))
+                                                    generator=generator)
         self.ae.save_pretrained(Path(out_dir) / "model")
         return self.ae.scale_factor
 
