@@ -126,13 +126,14 @@ UNET_PRESETS: dict[str, Callable[[], UNetConfig]] = {
     # The latent twin of `tiny`: 4 x 8 x 8 inputs (the small-f4 autoencoder's latent shape).
     "tiny-latent": lambda: UNetConfig(in_channels=4, out_channels=4, ch=16, ch_mult=(1, 2), num_res_blocks=1,
                                       attn_resolutions=(4,), num_heads=2, norm_groups=8, sample_size=8),
-    # MNIST 1 x 32 x 32 pixel DDPM (~1.7M parameters), sized for a 20-minute CPU run: ~0.6 s per
-    # bf16 training step at batch 64 on 2 cores -> ~2,000 steps (see unet.py's report / benchmarks).
+    # MNIST 1 x 32 x 32 pixel DDPM, 1.19M parameters, sized for a 20-minute CPU run: ~0.4 s per bf16
+    # training step (batch 64, 2 cores) -> ~2,700 steps; at that step count, class-conditional with
+    # guidance scale 3 reached >= 99% conditional accuracy (those steps simulated on a GPU, EMA 0.999).
     # Conditioning is the caller's choice: dataclasses.replace(cfg, num_classes=10) or context_dim=...
-    "small": lambda: UNetConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(8,), num_heads=4,
+    "small": lambda: UNetConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), num_heads=4,
                                 norm_groups=8, sample_size=32),
-    # Latent diffusion on 4 x 8 x 8 latents: two levels (8x8, 4x4), attention at both; the 48x fewer
-    # positions than 1 x 32 x 32... pay for a wider net at the same step time.
+    # Latent diffusion on 4 x 8 x 8 latents: two levels (8x8, 4x4), attention at both. 16x fewer
+    # positions than 1 x 32 x 32 pay for a wider net (ch 64) at a lower step time.
     "small-latent": lambda: UNetConfig(in_channels=4, out_channels=4, ch=64, ch_mult=(1, 2), num_res_blocks=2,
                                        attn_resolutions=(8, 4), num_heads=4, norm_groups=16, sample_size=8),
 }
