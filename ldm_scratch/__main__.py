@@ -124,14 +124,14 @@ def train_autoencoder(args: argparse.Namespace) -> dict:
 
 
 # ----------------------------------------------------------------------------- demo
-# (preset, data, image size, steps, batch, disc_start, full minutes). The step counts come from
-# benchmarks/bench_autoencoder.py on a 2-core laptop-class CPU with bf16 (about 20 photo crops/s
-# and 50 digits/s for a full step), so the budget and the steps end a full run at about the same
-# time; the discriminator joins for the last third, as a short version of LDM's late disc_start.
-# --quick divides the steps by 50 and caps each run at QUICK_MINUTES.
+# (preset, data, image size, steps, batch, disc_start, full minutes). Step counts are sized for a
+# 2-core CPU with bf16 autocast (benchmarks/bench_autoencoder.py: ~1.2 s per photo step of 16 crops,
+# ~1 s per digit step of 32 when one core is busy elsewhere), so steps and the time cap end a full run
+# at about the same point; the discriminator joins for the last third, a short version of LDM's
+# late disc_start. --quick divides the steps by 50 and caps each run at QUICK_MINUTES.
 DEMO_RUNS = {
-    "mnist_f4": ("small-f4", "mnist5k", 32, 900, 32, 600, 10.0),
-    "photo_f8": ("small-f8", "photos", 64, 1500, 16, 1000, 20.0),
+    "mnist_f4": ("small-f4", "mnist5k", 32, 600, 32, 400, 10.0),
+    "photo_f8": ("small-f8", "photos", 64, 1000, 16, 700, 20.0),
 }
 QUICK_MINUTES = 0.75
 
