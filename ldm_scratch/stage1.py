@@ -128,8 +128,10 @@ class AutoencoderTask:
 
 
 def stack_images(data: torch.utils.data.Dataset, n: int) -> torch.Tensor:
-    """The first n images of a dataset as one (n, C, H, W) tensor."""
-    return torch.stack([images_of(data[i]) for i in range(min(n, len(data)))])
+    """n images spread evenly over a dataset, as one (n, C, H, W) tensor. Evenly, not the first n:
+    MNIST-5k is sorted by class, so its first images are all zeros."""
+    n = min(n, len(data))
+    return torch.stack([images_of(data[i * len(data) // n]) for i in range(n)])
 
 
 def floor_reconstruction(x: torch.Tensor, f: int) -> torch.Tensor:
