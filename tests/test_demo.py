@@ -16,8 +16,8 @@ def test_demo_quick_writes_models_grids_and_report(tmp_path):
                         "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    assert set(report["runs"]) == {"mnist_f4", "photo_f8"}
-    for name in ("mnist_f4", "photo_f8"):
+    assert set(report["runs"]) == {"mnist_f4", "photo_f8", "photo_f4"}
+    for name in ("mnist_f4", "photo_f8", "photo_f4"):
         assert (out / name / "model" / "config.json").is_file() and (out / name / "model" / "model.pt").is_file()
     text = (out / "report.md").read_text()
     assert "astronaut" in text and "floor" in text.lower()
