@@ -213,6 +213,9 @@ class GaussianDiffusion:
 
         t_prev < 0 means "past the end": alpha_bar_prev = 1, so the last step returns the predicted x0 itself.
         That is diffusers' DDIMScheduler default (set_alpha_to_one=True), kept for conformance.
+        clip_x0 also recomputes eps from the clipped x0 (as guided-diffusion's DDIM does; diffusers'
+        use_clipped_model_output=True). Keeping the raw eps would put the unclipped x0 back through the
+        direction term: with many small steps nearly all of it, so clipping would do almost nothing.
         """
         if not 0 <= eta <= 1:   # eta > 1 would make sigma^2 exceed 1 - alpha_{t-1}: Eq. 12 has no meaning there
             raise ValueError(f"eta must be in [0, 1] (0 = deterministic DDIM, 1 = DDPM's variance); got {eta}")
@@ -222,6 +225,8 @@ class GaussianDiffusion:
         x0 = (xt - math.sqrt(1 - ab_t) * eps) / math.sqrt(ab_t)
         if clip_x0:
             x0 = x0.clamp(-1, 1)
+            # eps consistent with the clipped x0 (Eq. 4 solved for eps), so both terms of Eq. 12 agree on x0
+            eps = (xt - math.sqrt(ab_t) * x0) / math.sqrt(1 - ab_t)
         # Eq. 16: sigma_t(eta) = eta sqrt((1 - alpha_{t-1}) / (1 - alpha_t)) sqrt(1 - alpha_t / alpha_{t-1})
         sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab_t)) * math.sqrt(1 - ab_t / ab_prev)
         # Eq. 12: x_{t-1} = sqrt(alpha_{t-1}) x0_pred + sqrt(1 - alpha_{t-1} - sigma^2) eps + sigma z

@@ -196,6 +196,20 @@ def test_ddim_eta1_all_steps_is_ddpm_step(gd):
         torch.testing.assert_close(ddim, gd.p_sample(model, xt, t, noise=z), rtol=1e-4, atol=1e-4)
 
 
+def test_ddim_eta1_all_steps_is_ddpm_step_with_clipping(gd):
+    """Regression: with clip_x0, DDIM (eta = 1, every step) must still be DDPM's clipped step. It was not while
+    ddim_step kept the raw eps: the unclipped x0 leaked back through the direction term, so a pixel model
+    whose x0 guesses at large t overshoot [-1, 1] sampled WORSE with more DDIM steps."""
+    xt, z = 3 * torch.randn(2, 1, 4, 4, generator=gen(0)), torch.randn(2, 1, 4, 4, generator=gen(1))
+    eps = 0.5 * xt                                  # x0 = x_t (1 - sqrt(1 - ab) / 2) / sqrt(ab): > 1 at t >= 300
+    for t in [999, 700, 300, 1, 0]:
+        x0 = gd.predict_x0_from_eps(xt, t, eps)
+        assert t < 100 or x0.abs().max() > 1        # the clip really acts at the large t
+        ddim = gd.ddim_step(eps, t, t - 1, xt, eta=1.0, noise=z, clip_x0=True)
+        ddpm = gd.p_sample(lambda x, tt, c: eps, xt, t, noise=z, clip_x0=True)
+        torch.testing.assert_close(ddim, ddpm, rtol=1e-3, atol=1e-3)   # x_t ~ 3: float32 rounding
+
+
 def test_ddim_timesteps(gd):
     assert gd.ddim_timesteps(50)[:2] == [980, 960] and gd.ddim_timesteps(50)[-1] == 0
     assert gd.ddim_timesteps(T) == list(range(T - 1, -1, -1))
@@ -317,7 +331,8 @@ def test_ddim_step_matches_diffusers(gd, eta, clip, spacing):
     for i, t in enumerate(ours):
         eps, z = torch.randn_like(x), torch.randn_like(x)
         t_prev = ours[i + 1] if i + 1 < len(ours) else -1
-        expected = ref.step(eps, t, x, eta=eta, variance_noise=z).prev_sample
+        # clip_x0 recomputes eps from the clipped x0: diffusers' use_clipped_model_output=True
+        expected = ref.step(eps, t, x, eta=eta, use_clipped_model_output=clip, variance_noise=z).prev_sample
         got = gd.ddim_step(eps, t, t_prev, x, eta=eta, noise=z, clip_x0=clip)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
         x = expected
