@@ -83,6 +83,42 @@ class UNetConfig:
 
 
 @dataclass
+class TextEncoderConfig:
+    """The prompt encoder tau(y) (text.py): a tiny transformer, our stand-in for CLIP's text tower."""
+    vocab_size: int = 0                  # set from the Tokenizer (words + [pad] + [bos]); 0 = not set yet
+    max_length: int = 8                  # tokens per prompt, [bos] included (the context length N)
+    dim: int = 64                        # token width D; the U-Net's context_dim
+    depth: int = 2                       # transformer blocks
+    num_heads: int = 4
+    mlp_ratio: float = 4.0               # MLP hidden width = mlp_ratio * dim (Vaswani et al. 2017 use 4)
+    dropout: float = 0.0
+
+
+@dataclass
+class DiTConfig:
+    """Stage 2 denoiser, the transformer alternative: DiT (Peebles & Xie 2023), see dit.py.
+
+    Field names shared with UNetConfig (in_channels, sample_size, num_classes, context_dim) mean the same.
+    """
+    in_channels: int = 4                 # latent channels c
+    sample_size: int = 8                 # H = W of the latent the model is built for
+    patch_size: int = 2                  # P: each P x P patch of the latent becomes one token
+    hidden_size: int = 64                # token width D
+    depth: int = 4                       # DiT blocks
+    num_heads: int = 4
+    mlp_ratio: float = 4.0               # MLP hidden width = mlp_ratio * D (the ViT value)
+    num_classes: int = 0                 # >0: class-conditional; class num_classes is the null class (CFG)
+    context_dim: int = 0                 # >0: condition on a (B, N, context_dim) context sequence
+    learn_sigma: bool = False            # True: also output the variance (2C channels), as the paper's models
+    cond_mode: str = "adaln"             # how the condition enters: "adaln", "cross-attn" or "in-context"
+
+    @property
+    def out_channels(self) -> int:
+        """eps_pred (C channels), plus the learned variance interpolation (C more) when learn_sigma."""
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+
+@dataclass
 class TrainConfig:
     """The one training loop's knobs (train.py), shared by both stages."""
     steps: int = 2000
@@ -100,6 +136,7 @@ class TrainConfig:
     ckpt_every: int = 500
     max_minutes: float = 0.0             # >0: stop (and checkpoint) after this wall time
     num_workers: int = 0
+    detect_anomaly: bool = False         # autograd anomaly mode: a NaN gradient names the op that made it (slow)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,6 +173,29 @@ UNET_PRESETS: dict[str, Callable[[], UNetConfig]] = {
     # positions than 1 x 32 x 32 pay for a wider net (ch 64) at a lower step time.
     "small-latent": lambda: UNetConfig(in_channels=4, out_channels=4, ch=64, ch_mult=(1, 2), num_res_blocks=2,
                                        attn_resolutions=(8, 4), num_heads=4, norm_groups=16, sample_size=8),
+}
+
+
+def _paper_dit(hidden_size: int, depth: int, num_heads: int, patch_size: int) -> Callable[[], DiTConfig]:
+    """Peebles & Xie 2023, Table 1: 256 x 256 ImageNet images -> SD-VAE latents 4 x 32 x 32, 1000 classes."""
+    return lambda: DiTConfig(in_channels=4, sample_size=32, patch_size=patch_size, hidden_size=hidden_size,
+                             depth=depth, num_heads=num_heads, num_classes=1000, learn_sigma=True)
+
+
+DIT_PRESETS: dict[str, Callable[[], DiTConfig]] = {
+    # Two blocks of width 32 on 4 x 8 x 8 latents: the tests and quick mode (milliseconds per step).
+    "dit-tiny": lambda: DiTConfig(in_channels=4, sample_size=8, patch_size=2, hidden_size=32, depth=2,
+                                  num_heads=2),
+    # The small-f4 autoencoder's 4 x 8 x 8 MNIST latents: 16 tokens of width 128, 1.28M parameters.
+    # benchmarks/bench_dit.py: 0.12-0.22 s per fp32 training step (batch 64, 1 busy core; bf16 autocast is
+    # ~1.5x SLOWER at this width), so a 10-minute CPU run is ~3,000-5,000 steps.
+    "dit-small-latent": lambda: DiTConfig(in_channels=4, sample_size=8, patch_size=2, hidden_size=128, depth=4,
+                                          num_heads=4),
+    # The paper's model sizes (Table 1: layers N, hidden size d, heads) x patch sizes 2, 4, 8.
+    **{f"DiT-{name}/{p}": _paper_dit(d, n, h, p)
+       for name, (d, n, h) in {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16),
+                               "XL": (1152, 28, 16)}.items()
+       for p in (2, 4, 8)},
 }
 
 T = TypeVar("T")
