@@ -48,6 +48,21 @@ def diffusion_train_config(**overrides: Any) -> TrainConfig:
     return dataclasses.replace(TrainConfig(), betas=(0.9, 0.999), **overrides)
 
 
+def draw_step_noise(seed: int, step: int, x0: torch.Tensor, T: int, rank: int = 0,
+                    world: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's (t (B,), eps like x0, coin (B,) in [0, 1)) for `step`, drawn for the global batch of
+    world * B from a generator seeded by (seed, step), then sliced (see the module docstring). The coins
+    decide condition dropout; stage 3 (latent space) draws its noise here too."""
+    B = x0.shape[0]
+    n = B * world                                         # the global batch
+    g = torch.Generator(x0.device).manual_seed(seed * NOISE_SEED_STRIDE + step)
+    t = torch.randint(0, T, (n,), generator=g, device=x0.device)                     # t ~ U{0..T-1}
+    eps = torch.randn((n, *x0.shape[1:]), generator=g, device=x0.device)              # eps ~ N(0, I)
+    coin = torch.rand(n, generator=g, device=x0.device)
+    mine = slice(rank * B, (rank + 1) * B)                # Trainer gives rank r the r-th slice of the batch
+    return t[mine], eps[mine].to(x0.dtype), coin[mine]
+
+
 class DiffusionTask:
     """The train.py task protocol for a pixel-space DDPM with condition dropout and EMA sampling."""
 
@@ -79,14 +94,7 @@ class DiffusionTask:
     def step_noise(self, step: int, x0: torch.Tensor,
                    labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """This rank's (t, eps, cond) for `step`: drawn for the global batch, then sliced (see the docstring)."""
-        B = x0.shape[0]
-        n = B * self.world                                    # the global batch
-        g = torch.Generator(x0.device).manual_seed(self.seed * NOISE_SEED_STRIDE + step)
-        t = torch.randint(0, self.diffusion.T, (n,), generator=g, device=x0.device)      # t ~ U{0..T-1}
-        eps = torch.randn((n, *x0.shape[1:]), generator=g, device=x0.device)              # eps ~ N(0, I)
-        coin = torch.rand(n, generator=g, device=x0.device)
-        mine = slice(self.rank * B, (self.rank + 1) * B)      # Trainer gives rank r the r-th slice of the batch
-        t, eps, coin = t[mine], eps[mine].to(x0.dtype), coin[mine]
+        t, eps, coin = draw_step_noise(self.seed, step, x0, self.diffusion.T, self.rank, self.world)
         if labels is None or self.unet.null_class is None:
             return t, eps, None
         # Condition dropout (Ho & Salimans 2022, Algorithm 1): with probability p_uncond, y <- null

@@ -1,0 +1,228 @@
+"""LatentDiffusionPipeline: generation, classifier-free guidance, input errors, and the saved folder."""
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from ldm_scratch.autoencoder import AutoencoderKL
+from ldm_scratch.checkpoint import CheckpointError
+from ldm_scratch.config import (AUTOENCODER_PRESETS, DIT_PRESETS, UNET_PRESETS, DiffusionConfig, TextEncoderConfig,
+                                UNetConfig, get_preset)
+from ldm_scratch.diffusion import GaussianDiffusion
+from ldm_scratch.pipeline import LatentDiffusionPipeline, build_denoiser
+from ldm_scratch.text import TextEncoder, Tokenizer
+from ldm_scratch.unet import UNet
+
+CAPTIONS = ["a red 7 on grass", "a blue 1 on plain", "an orange 3 on brick"]
+
+
+def scramble(*modules: torch.nn.Module) -> None:
+    """Small random offsets on every weight: the U-Net's zero-initialised output layers would otherwise make
+    eps_pred = 0 for every condition, and every guidance test would pass trivially."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in modules:
+            for p in m.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def make(conditioning: str, kind: str = "unet") -> LatentDiffusionPipeline:
+    torch.manual_seed(0)
+    channels = 3 if conditioning == "text" else 1  # grey digits for the class model, RGB for the text one
+    ae = AutoencoderKL(dataclasses.replace(get_preset(AUTOENCODER_PRESETS, "tiny"), in_channels=channels,
+                                           scale_factor=0.7))
+    ucfg = get_preset(UNET_PRESETS, "tiny-latent")
+    tok = te = None
+    if conditioning == "text":
+        tok = Tokenizer.from_captions(CAPTIONS)
+        te = TextEncoder(TextEncoderConfig(vocab_size=tok.vocab_size, max_length=tok.max_length, dim=16, depth=1,
+                                           num_heads=2))
+        ucfg = dataclasses.replace(ucfg, context_dim=16)
+    elif conditioning == "class":
+        ucfg = dataclasses.replace(ucfg, num_classes=10)
+    if kind == "dit":  # the same latent, conditioning and interface; only the backbone differs
+        ucfg = dataclasses.replace(get_preset(DIT_PRESETS, "dit-tiny"), num_classes=ucfg.num_classes,
+                                   context_dim=ucfg.context_dim)
+    unet = build_denoiser(kind, ucfg)
+    scramble(unet, *([te] if te is not None else []))
+    return LatentDiffusionPipeline(ae, unet, GaussianDiffusion(DiffusionConfig()), tok, te)
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+FAST = dict(num_inference_steps=3, output_type="tensor", precision="fp32")
+
+
+@pytest.mark.parametrize("conditioning, cond, kind", [
+    ("class", {"class_labels": [3, 7]}, "unet"),
+    ("text", {"prompt": ["a red 7 on grass", "a blue 1 on plain"]}, "unet"),
+    ("none", {"num_images": 2}, "unet"),
+    ("class", {"class_labels": [3, 7]}, "dit"),
+    ("text", {"prompt": ["a red 7 on grass", "a blue 1 on plain"]}, "dit"),
+])
+def test_save_load_round_trip_gives_identical_images(tmp_path, conditioning, cond, kind):
+    pipe = make(conditioning, kind)
+    before = pipe(**cond, generator=gen(), **FAST).images
+    pipe.save_pretrained(tmp_path / "p")
+    index = json.loads((tmp_path / "p" / "model_index.json").read_text())
+    assert index["conditioning"] == conditioning and index["denoiser"] == kind
+    loaded = LatentDiffusionPipeline.from_pretrained(tmp_path / "p")
+    assert loaded.conditioning == conditioning and loaded.autoencoder.scale_factor == 0.7
+    after = loaded(**cond, generator=gen(), **FAST).images
+    C = 3 if conditioning == "text" else 1
+    assert before.shape == (2, C, 32, 32) and torch.equal(before, after)
+    assert before.abs().max() <= 1
+
+
+def test_pil_output_and_images_per_condition():
+    pipe = make("class")
+    out = pipe(class_labels=torch.tensor([1, 2]), num_images=2, num_inference_steps=2, precision="fp32",
+               generator=gen())
+    assert len(out.images) == 4 and all(isinstance(im, Image.Image) for im in out.images)
+    assert out.images[0].mode == "L" and out.images[0].size == (32, 32)
+    assert make("text")(prompt="a red 7 on grass", num_inference_steps=1, precision="fp32").images[0].mode == "RGB"
+    # batching does not change the samples: one generator, used batch after batch in order
+    whole = pipe(class_labels=[1, 2, 3], generator=gen(), **FAST).images
+    split = pipe(class_labels=[1, 2, 3], generator=gen(), batch_size=2, **FAST).images
+    assert torch.allclose(whole[:2], split[:2], atol=1e-5)
+
+
+def manual_sample(pipe, cond, n: int, w: float, null=None) -> torch.Tensor:
+    """The latent loop written out: DDIM in z, then z / scale_factor decoded once."""
+    z = pipe.diffusion.sample_ddim(pipe.denoiser, (n, 4, 8, 8), cond, null, num_steps=3, guidance_scale=w,
+                                   generator=gen(), progress=False)
+    return pipe.autoencoder.decode(z / pipe.autoencoder.scale_factor).clamp(-1, 1)
+
+
+def test_guidance_one_is_the_conditional_path_and_zero_the_unconditional_one():
+    pipe = make("class")
+    labels = torch.tensor([3, 7])
+    w1 = pipe(class_labels=labels, guidance_scale=1.0, generator=gen(), **FAST).images
+    assert torch.equal(w1, manual_sample(pipe, labels, 2, 1.0))
+    w3 = pipe(class_labels=labels, guidance_scale=3.0, generator=gen(), **FAST).images
+    assert torch.allclose(w3, manual_sample(pipe, labels, 2, 3.0, null=10), atol=1e-5)
+    assert (w3 - w1).abs().max() > 1e-3  # guidance changes the samples
+    # w = 0: eps_null + 0 (eps_cond - eps_null) = eps_null, the samples of no label at all
+    w0 = pipe(class_labels=labels, guidance_scale=0.0, generator=gen(), **FAST).images
+    uncond = pipe(num_images=2, generator=gen(), **FAST).images
+    assert torch.allclose(w0, uncond, atol=1e-4)
+
+    text = make("text")
+    w0 = text(prompt=["a red 7 on grass", "a blue 1 on plain"], guidance_scale=0.0, generator=gen(), **FAST).images
+    empty = text(num_images=2, generator=gen(), **FAST).images  # no prompt = the empty prompt ""
+    assert torch.allclose(w0, empty, atol=1e-4)
+    w1 = text(prompt=["a red 7 on grass", "a blue 1 on plain"], guidance_scale=1.0, generator=gen(), **FAST).images
+    assert (w1 - empty).abs().max() > 1e-3  # the prompt matters
+
+
+@pytest.mark.parametrize("conditioning, kwargs, match", [
+    ("class", {"prompt": "a red 7 on grass"}, "class-conditional.*class_labels="),
+    ("text", {"class_labels": [1]}, "text-to-image.*prompt="),
+    ("none", {"class_labels": [1]}, "unconditional"),
+    ("text", {"prompt": "a purple 7 on grass"}, "unknown word 'purple'"),
+    ("text", {"prompt": ["a red 7", 3]}, "prompt"),
+    ("class", {"class_labels": [3, 10]}, r"\[10\] out of range; valid labels: 0..9"),
+    ("class", {"class_labels": -1}, "out of range"),
+    ("class", {"class_labels": torch.tensor([1.0])}, "integers"),
+    ("class", {"class_labels": [], }, "empty"),
+    ("class", {"guidance_scale": -1.0}, "guidance_scale must be a finite number >= 0"),
+    ("class", {"guidance_scale": math.nan}, "guidance_scale"),
+    ("class", {"guidance_scale": math.inf}, "guidance_scale"),
+    ("class", {"num_inference_steps": 0}, r"1\.\.1000"),
+    ("class", {"num_inference_steps": 1001}, r"1\.\.1000"),
+    ("class", {"num_inference_steps": 2.5}, "integer"),
+    ("class", {"sampler": "euler"}, "unknown sampler 'euler'; valid samplers: ddim, ddpm"),
+    ("class", {"output_type": "numpy"}, "unknown output_type 'numpy'; valid: pil, tensor"),
+    ("class", {"eta": 1.5}, "eta"),
+    ("class", {"num_images": 0}, "num_images must be an integer >= 1"),
+    ("class", {"precision": "fp8"}, "precision"),
+])
+def test_bad_inputs_are_value_errors_that_say_what_is_valid(conditioning, kwargs, match):
+    pipe = make(conditioning)
+    with pytest.raises(ValueError, match=match):
+        pipe(**{"num_inference_steps": 1, **kwargs})
+
+
+def test_constructor_checks_the_parts_fit():
+    pipe = make("text")
+    ae, unet, diffusion, tok, te = pipe.autoencoder, pipe.denoiser, pipe.diffusion, pipe.tokenizer, pipe.text_encoder
+    with pytest.raises(ValueError, match="together"):
+        LatentDiffusionPipeline(ae, unet, diffusion, tok, None)
+    with pytest.raises(ValueError, match="context_dim=16"):
+        LatentDiffusionPipeline(ae, unet, diffusion)
+    wide = TextEncoder(dataclasses.replace(te.cfg, dim=32, num_heads=2))
+    with pytest.raises(ValueError, match="dim=32 must equal the denoiser's context_dim=16"):
+        LatentDiffusionPipeline(ae, unet, diffusion, tok, wide)
+    with pytest.raises(ValueError, match="no cross-attention"):
+        LatentDiffusionPipeline(ae, make("class").denoiser, diffusion, tok, te)
+    ae8 = AutoencoderKL(dataclasses.replace(ae.cfg, z_channels=8))
+    with pytest.raises(ValueError, match="z_channels=8"):
+        LatentDiffusionPipeline(ae8, unet, diffusion, tok, te)
+    with pytest.raises(ValueError, match="unet, dit"):
+        LatentDiffusionPipeline(ae, torch.nn.Linear(2, 2), diffusion)
+    sigma = build_denoiser("dit", dataclasses.replace(get_preset(DIT_PRESETS, "dit-tiny"), learn_sigma=True))
+    with pytest.raises(ValueError, match="learn_sigma=False"):
+        LatentDiffusionPipeline(ae, sigma, diffusion)
+
+
+def test_build_denoiser_names_the_valid_kinds():
+    assert isinstance(build_denoiser("unet", get_preset(UNET_PRESETS, "tiny-latent")), UNet)
+    with pytest.raises(ValueError, match="unknown denoiser 'vit'; valid denoisers: unet, dit"):
+        build_denoiser("vit", UNetConfig())
+    with pytest.raises(ValueError, match="UNetConfig"):
+        build_denoiser("unet", TextEncoderConfig())
+
+
+TEXT_FILES = ["model_index.json", "autoencoder/config.json", "autoencoder/model.pt", "denoiser/config.json",
+              "denoiser/model.pt", "scheduler/config.json", "text_encoder/config.json", "text_encoder/model.pt"]
+
+
+@pytest.mark.parametrize("name", TEXT_FILES)
+def test_a_missing_or_corrupt_file_is_a_checkpoint_error_naming_it(tmp_path, name):
+    make("text").save_pretrained(tmp_path)
+    (tmp_path / name).unlink()
+    with pytest.raises(CheckpointError, match=name):
+        LatentDiffusionPipeline.from_pretrained(tmp_path)
+    make("text").save_pretrained(tmp_path)
+    data = (tmp_path / name).read_bytes()
+    (tmp_path / name).write_bytes(data[:len(data) // 2])  # an interrupted write
+    with pytest.raises(CheckpointError, match=name):
+        LatentDiffusionPipeline.from_pretrained(tmp_path)
+
+
+def edit_json(path, **changes) -> None:
+    d = json.loads(path.read_text())
+    for key, value in changes.items():
+        *outer, last = key.split(".")
+        node = d
+        for k in outer:
+            node = node[k]
+        node[last] = value
+    path.write_text(json.dumps(d))
+
+
+@pytest.mark.parametrize("name, changes, match", [
+    ("model_index.json", {"denoiser": "vit"}, "model_index.json"),
+    ("model_index.json", {"conditioning": "class"}, "model_index.json"),
+    ("denoiser/config.json", {"config.ch": 32}, "denoiser/model.pt"),      # weights no longer fit the config
+    ("denoiser/config.json", {"config.ch": "wide"}, "denoiser/config.json"),
+    ("denoiser/config.json", {"model": "dit"}, "denoiser/config.json"),
+    ("scheduler/config.json", {"schedule": "quadratic"}, "scheduler/config.json"),
+    ("text_encoder/config.json", {"tokenizer.vocab": ["a", "red"]}, "text_encoder/config.json"),
+    ("autoencoder/config.json", {"config.z_channels": 8}, "autoencoder/model.pt"),
+])
+def test_a_mismatched_file_is_a_checkpoint_error_naming_it(tmp_path, name, changes, match):
+    make("text").save_pretrained(tmp_path)
+    edit_json(tmp_path / name, **changes)
+    with pytest.raises(CheckpointError, match=match):
+        LatentDiffusionPipeline.from_pretrained(tmp_path)
+
+
+def test_a_missing_folder_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match="nowhere"):
+        LatentDiffusionPipeline.from_pretrained(tmp_path / "nowhere")
