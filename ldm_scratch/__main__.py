@@ -6,23 +6,26 @@ An unknown flag or value is an error that lists the valid ones (argparse's choic
 
 Commands live in COMMANDS (name -> (add_arguments, run, help)); each one there works end to end.
 They are written in ldm_scratch/cli/, one file per stage, each with its own COMMANDS table:
-  train-autoencoder  stage 1 on MNIST-5k or photo crops -> OUT/model/ (config.json + model.pt)
-  demo               the stage-1 showcase: three autoencoders (MNIST f=4, photos f=8 and f=4), held-out metrics, report.md/json
-  train-diffusion    stage 2 in pixel space: a class-conditional DDPM on MNIST-5k -> OUT/model/
-  sample             a PNG grid from a saved diffusion model (DDIM or DDPM, classifier-free guidance)
+  train-autoencoder  stage 1 on MNIST-5k, coloured digits or photo crops -> OUT/model/ (config.json + model.pt)
+  demo-autoencoders  the stage-1 showcase: three autoencoders (MNIST f=4, photos f=8 and f=4), held-out metrics
+  train-diffusion    a denoiser: pixel DDPM -> OUT/model/, or --space latent (U-Net or DiT on an autoencoder's
+                     latents; class, text or no conditioning) -> OUT/pipeline/
+  sample             a PNG grid from a pipeline (prompts, class labels) or a pixel model (DDIM or DDPM, CFG)
+  demo               the main job: both stages on captioned coloured digits, text-to-image, report.md/json
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from ldm_scratch.cli import Command, stage1, stage2
+from ldm_scratch.cli import Command, demo, stage1, stage2
 # Re-exported: tests and benchmarks import these from here.
 from ldm_scratch.cli.flags import add_config_flags, apply_flags  # noqa: F401
 from ldm_scratch.cli.stage1 import machine_info  # noqa: F401
+from ldm_scratch.train import NonFiniteLossError, TrainingInterrupted
 
 # Every stage's table, in the order `--help` lists them.
-COMMANDS: dict[str, Command] = {**stage1.COMMANDS, **stage2.COMMANDS}
+COMMANDS: dict[str, Command] = {**stage1.COMMANDS, **stage2.COMMANDS, **demo.COMMANDS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command][1](args)
+    except TrainingInterrupted as e:  # Ctrl-C: the step finished and was checkpointed; the message says how to resume
+        print(e, file=sys.stderr)
+        return 130
+    except NonFiniteLossError as e:  # NaN/inf: the message has the step, the loss terms and what to try
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except ValueError as e:  # bad input: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -34,6 +34,9 @@ from ldm_scratch.layers import Downsample, Normalize, ResnetBlock, SelfAttention
 # (fp32 exp overflows near 88). Below: std = e^-15 ~ 3e-7 is already a point mass at latent scale; the
 # reconstruction loss alone would push logvar to -inf, and the KL's -logvar term would follow it.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
+# How far past [-1, 1] an input may stray before encode refuses it: resampling and augmentation overshoot
+# by a few hundredths, while the usual mistakes are far outside (0..255 pixels: 255; [0, 1] scaled twice: 2+).
+RANGE_SLACK = 0.1
 
 
 class DiagonalGaussian:
@@ -211,6 +214,10 @@ def _build_from_config_dict(d: dict) -> AutoencoderKL:
     if not isinstance(d, dict) or d.get("model") != "AutoencoderKL" or "config" not in d:
         got = d.get("model") if isinstance(d, dict) else type(d).__name__
         raise ValueError(f'expected {{"model": "AutoencoderKL", "config": {{...}}}}, got model {got!r}')
+    if isinstance(d["config"], dict) and "scale_factor" not in d["config"]:
+        # every other field may fall back to its default (a wrong one then fails the weight check), but a
+        # defaulted scale_factor of 1.0 would load silently and give washed-out or saturated samples
+        raise ValueError("no 'scale_factor' in the autoencoder config (measure it: measure_scale_factor)")
     return AutoencoderKL(config_from_dict(AutoencoderConfig, d["config"], source="config.json"))
 
 
@@ -220,6 +227,9 @@ def _check_images(x: torch.Tensor, cfg: AutoencoderConfig) -> None:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"expected images of shape (B, {cfg.in_channels}, H, W), got {shape}; "
                          f"add a batch dimension with x.unsqueeze(0) for a single image")
+    if not x.is_floating_point():
+        hint = ": divide by 127.5 and subtract 1" if x.dtype == torch.uint8 else ""
+        raise ValueError(f"expected float images in [-1, 1], got dtype {x.dtype}{hint}")
     B, C, H, W = x.shape
     if C != cfg.in_channels:
         raise ValueError(f"expected {cfg.in_channels} image channel(s) (cfg.in_channels), got {C} "
@@ -231,6 +241,17 @@ def _check_images(x: torch.Tensor, cfg: AutoencoderConfig) -> None:
         raise ValueError(f"image size {H}x{W} is not divisible by the downsampling factor f={f} "
                          f"(ch_mult has {len(cfg.ch_mult)} levels); use a size that is a multiple of {f}, "
                          f"e.g. {suggest}")
+    if x.numel() == 0:
+        return
+    lo, hi = (v.item() for v in torch.aminmax(x.detach().float()))  # NaN in x makes both NaN
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        bad = (~torch.isfinite(x)).sum().item()
+        raise ValueError(f"expected finite images in [-1, 1], got {bad} NaN/inf value(s) in shape {tuple(x.shape)}")
+    if hi > 1 + RANGE_SLACK:
+        hint = ": divide by 127.5 and subtract 1" if hi > 2 else ""  # far out: 0..255 pixels
+        raise ValueError(f"expected [-1, 1], got values up to {hi:.4g}{hint}")
+    if lo < -1 - RANGE_SLACK:
+        raise ValueError(f"expected [-1, 1], got values down to {lo:.4g}")
 
 
 def _check_latents(z: torch.Tensor, cfg: AutoencoderConfig) -> None:

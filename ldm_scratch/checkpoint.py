@@ -3,7 +3,8 @@
 A model is a folder: `config.json` (everything needed to rebuild it, `scale_factor` included) and
 `model.pt` (a state_dict, loaded with `weights_only=True`, so a file that needs arbitrary code is
 refused). Every write goes to a temporary file in the same folder, is flushed to disk, then
-`os.replace`d over the target: a crash mid-write leaves the previous file intact.
+`os.replace`d over the target: a crash mid-write leaves the previous file intact, plus at worst a
+`.NAME.*.tmp` file, which is harmless (never read) and which Trainer.fit removes on the next start.
 """
 from __future__ import annotations
 
@@ -11,17 +12,38 @@ import io
 import json
 import os
 import pickle
+import random
+import re
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
 
 class CheckpointError(ValueError):
     """A checkpoint or model folder that is missing, corrupt, or does not match its config."""
+
+
+# Fault injection for tests/test_faults.py: with this variable set to a file path, the first atomic write
+# of the process stops after its temporary file is complete and before os.replace, writes the target's
+# path into that file and sleeps, so that a test can kill the process at exactly that moment.
+PAUSE_BEFORE_REPLACE_ENV = "LDM_TEST_PAUSE_BEFORE_REPLACE"
+_PAUSE_SECONDS = 60.0  # far longer than the test needs to notice the flag and kill
+_paused = False
+
+
+def _test_pause_before_replace(target: Path) -> None:
+    global _paused
+    flag = os.environ.get(PAUSE_BEFORE_REPLACE_ENV)
+    if flag and not _paused:
+        _paused = True
+        Path(flag).write_text(str(target))
+        time.sleep(_PAUSE_SECONDS)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -35,11 +57,22 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; a saved model should be readable like any file
+        _test_pause_before_replace(path)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temp_files(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that killed atomic writes of `path` left behind; returns them.
+    Only for a folder no other process is writing to (a run folder at the start of training)."""
+    path = Path(path)
+    stale = sorted(path.parent.glob(f".{path.name}.*.tmp"))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -63,11 +96,36 @@ def safe_torch_load(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused to load: it needs more than tensors and plain data "
-                              f"(weights_only=True). Details: {str(e).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        # torch's message is a page of advice; the line that matters names the code the file asks for
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"it names code to run while loading ({found.group(1)})" if found else str(e).splitlines()[0]
+        raise CheckpointError(f"{path}: refused to load: {what}; a checkpoint may hold only tensors and plain "
+                              f"data (weights_only=True), which is all ldm_scratch ever writes") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, IndexError, KeyError, ValueError) as e:
+        # IndexError/KeyError: torch's weights-only unpickler on some garbage bytes (e.g. b"\x80garbage{")
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def rng_state() -> dict:
+    """Every RNG the loop touches, as tensors and plain data (so weights_only loading accepts it)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what rng_state() saved."""
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def read_json(path: str | os.PathLike) -> Any:

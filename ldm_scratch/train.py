@@ -18,31 +18,71 @@ DDP under `torchrun`. A task is any object with these methods (see stage1.py for
 
 Resume is exact: the data order is a function of (seed, epoch), so the checkpoint stores the
 epoch and position in it, plus every RNG state; a resumed run logs the same losses as one that
-was never interrupted (tests/test_train.py checks it).
+was never interrupted (tests/test_train.py checks it). Nothing is lost to a crash: a kill at any
+moment (even mid-write) leaves the last checkpoint whole, and Ctrl-C finishes the step in flight,
+checkpoints it and raises TrainingInterrupted (tests/test_faults.py kills real runs to check both).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-import random
+import signal
+import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from ldm_scratch.checkpoint import atomic_torch_save, atomic_write_bytes, safe_torch_load
+from ldm_scratch.checkpoint import (CheckpointError, atomic_torch_save, atomic_write_bytes, check_state_dict,
+                                    remove_stale_temp_files, rng_state, safe_torch_load, set_rng_state)
 from ldm_scratch.config import TrainConfig, config_to_dict
 from ldm_scratch.device import autocast, default_device, resolve_precision
 
 
 class NonFiniteLossError(RuntimeError):
-    """A loss became NaN or inf; the last good checkpoint is left untouched."""
+    """A loss or gradient became NaN or inf; the last good checkpoint is left untouched."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during fit: the step in flight was finished and checkpointed, then training stopped.
+    A KeyboardInterrupt, so `except Exception` does not swallow it and uncaught it ends the program."""
+
+    def __init__(self, step: int, path: str | os.PathLike):
+        super().__init__(f"interrupted at step {step}; checkpoint saved to {path}; resume with --resume")
+        self.step, self.path = step, Path(path)
+
+
+class _DeferredSigint:
+    """While active, the first Ctrl-C (SIGINT) only sets `requested`: the loop then stops at a step
+    boundary, where the checkpoint is consistent (mid-step, the weights may be updated and the step
+    counter not yet). A second Ctrl-C gets the previous handler back: it stops at once, saving nothing.
+    Signal handlers live in the main thread only; elsewhere (and where SIGINT is ignored) it does nothing."""
+
+    def __enter__(self) -> "_DeferredSigint":
+        self.requested, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if previous not in (None, signal.SIG_IGN):  # None: a handler not set from Python; leave it be
+                self.previous = previous
+                signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+        # os.write, not print: a handler may run in the middle of another write to the same stream
+        os.write(2, b"\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again: stop now, no save)\n")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 class EMA:
@@ -81,26 +121,6 @@ class EMA:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for k, v in state.items():
             self.shadow[k].copy_(v)
-
-
-def _rng_state() -> dict:
-    """Every RNG the loop touches, as tensors and plain data (so weights_only loading accepts it)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _to(batch: Any, device: torch.device) -> Any:
@@ -217,7 +237,7 @@ class Trainer:
                 continue
             # zero here, not once per step: an earlier loss (the generator's) also reaches these params
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            self._backward(name, loss, terms)
             params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
             clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
@@ -229,14 +249,39 @@ class Trainer:
         bad = [k for k, v in logs.items() if not math.isfinite(v)]
         if bad:  # before any optimizer.step: the weights still hold the last finite update
             terms = ", ".join(f"{k}={v:.4g}" for k, v in logs.items())
-            raise NonFiniteLossError(f"non-finite loss at step {self.step} ({', '.join(bad)}); terms: {terms}. "
+            raise NonFiniteLossError(f"non-finite loss or gradient at step {self.step} ({', '.join(bad)}); "
+                                     f"terms: {terms}. "
                                      f"The last good checkpoint in {self.out_dir} was left unchanged; "
-                                     f"try a lower --lr, --precision fp32 or a smaller --grad-clip.")
+                                     f"try a lower --lr, --precision fp32 or a smaller --grad-clip, and "
+                                     f"--detect-anomaly to name the operation that made the first NaN.")
         for _, opt in stepped:
             opt.step()
         if self.ema is not None:
             self.ema.update(self.task.ema_module())
         return logs
+
+    def _backward(self, name: str, loss: torch.Tensor, terms: dict) -> None:
+        """loss.backward(); in anomaly mode (cfg.detect_anomaly) a NaN gradient stops here, naming the
+        backward op that made it and the forward line that built that op (autograd records it)."""
+        if not self.cfg.detect_anomaly:
+            loss.backward()
+            return
+        with warnings.catch_warnings(record=True) as caught:  # autograd sends the forward trace as a warning
+            warnings.simplefilter("always")
+            try:
+                loss.backward()
+            except RuntimeError as e:
+                if "nan" not in str(e).lower():
+                    raise
+                trace = [str(w.message) for w in caught if "Traceback of forward call" in str(w.message)]
+                lines = [ln.strip() for ln in (trace[-1].splitlines() if trace else []) if ln.strip()
+                         and not ln.strip().startswith("(Triggered")]
+                frames = [i for i, ln in enumerate(lines) if ln.startswith("File ")]
+                where = lines[frames[-1]:] if frames else []  # the innermost frame: the line that made the op
+                values = ", ".join(f"{k}={float(v):.4g}" for k, v in {f"{name}_loss": loss, **terms}.items())
+                raise NonFiniteLossError(f"non-finite gradient at step {self.step}: {e} Forward call: "
+                                         f"{' | '.join(where) or 'not recorded'}. Loss terms: {values}. The last "
+                                         f"good checkpoint in {self.out_dir} was left unchanged.") from None
 
     def _reduce(self, logs: dict[str, Any]) -> dict[str, float]:
         """Average the logged numbers over ranks, so rank 0 logs the global-batch values."""
@@ -259,7 +304,7 @@ class Trainer:
                  "modules": {k: m.state_dict() for k, m in self.task.modules().items()},
                  "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
                  "ema": self.ema.state_dict() if self.ema is not None else None,
-                 "rng": _rng_state(), "task_config": self.task.config_dict(),
+                 "rng": rng_state(), "task_config": self.task.config_dict(),
                  "train_config": config_to_dict(self.cfg)}
         atomic_torch_save(state, self.ckpt_path)
         atomic_write_bytes(self.out_dir / "log.jsonl", "".join(json.dumps(h) + "\n" for h in self.history).encode())
@@ -268,15 +313,24 @@ class Trainer:
         plot_history(self.history, self.out_dir / "loss.png", keys)
 
     def load_checkpoint(self) -> None:
+        if not self.ckpt_path.is_file():
+            raise CheckpointError(f"{self.ckpt_path}: no checkpoint to resume from (drop --resume to start afresh, "
+                                  f"or give the run folder that holds it)")
         state = safe_torch_load(self.ckpt_path, map_location="cpu")  # load_state_dict moves to the device
-        for k, m in self.task.modules().items():
+        modules = self.task.modules()
+        if not isinstance(state, dict) or not {"step", "modules", "optimizers", "rng"} <= set(state) \
+                or not set(modules) <= set(state["modules"]):
+            raise CheckpointError(f"{self.ckpt_path}: not a training checkpoint of this task (expected the modules "
+                                  f"{sorted(modules)}; a model folder's model.pt holds weights only)")
+        for k, m in modules.items():  # names every missing key and shape mismatch, e.g. after a --preset change
+            check_state_dict(m, state["modules"][k], f"{self.ckpt_path} [{k}]")
             m.load_state_dict(state["modules"][k])
         for k, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"][k])
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         self.step, self.epoch, self.pos, self.history = state["step"], state["epoch"], state["pos"], state["history"]
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
 
     # ------------------------------------------------------------------ the loop
     def _sample(self) -> None:
@@ -296,16 +350,25 @@ class Trainer:
                 m.train()
             torch.set_rng_state(rng)
 
-    def _stop_now(self, start: float) -> bool:
-        """The max_minutes budget, decided by rank 0 so every rank stops at the same step."""
-        flag = torch.tensor([self.cfg.max_minutes > 0 and (time.time() - start) / 60 >= self.cfg.max_minutes])
+    def _stop_reason(self, start: float, interrupt: _DeferredSigint) -> str | None:
+        """"interrupted" (Ctrl-C), "time" (max_minutes) or None, agreed by all ranks (a max over them),
+        so every rank stops after the same step."""
+        time_up = self.cfg.max_minutes > 0 and (time.time() - start) / 60 >= self.cfg.max_minutes
+        flags = torch.tensor([interrupt.requested, time_up], dtype=torch.int32)
         if self.world > 1:
-            flag = flag.to(self.device)
-            dist.broadcast(flag, src=0)
-        return bool(flag.item())
+            flags = flags.to(self.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        interrupted, time_up = flags.tolist()
+        return "interrupted" if interrupted else "time" if time_up else None
 
     def fit(self, resume: bool = False) -> list[dict]:
-        """Train to cfg.steps (or the time budget); returns the log history (one dict per step)."""
+        """Train to cfg.steps (or the time budget); returns the log history (one dict per step).
+        Ctrl-C: the step in flight finishes, a checkpoint is saved, then TrainingInterrupted is raised.
+        A NonFiniteLossError passes straight through: no checkpoint overwrites the last good one."""
+        if self.is_main:
+            for target in (self.ckpt_path, self.out_dir / "log.jsonl"):
+                for stale in remove_stale_temp_files(target):  # a killed write's leftovers: never read
+                    print(f"removed {stale.name}, left by an interrupted write of {target.name}")
         if resume:
             self.load_checkpoint()
         else:
@@ -315,8 +378,9 @@ class Trainer:
             m.train()
         keys = getattr(self.task, "postfix_keys", None)
         bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not self.is_main, desc="train", dynamic_ncols=True)
-        start, batches, stopped = time.time(), self._batches(), None
-        try:  # a NonFiniteLossError passes straight through: no checkpoint overwrites the last good one
+        start, batches, saved_at = time.time(), self._batches(), None
+        anomaly = torch.autograd.set_detect_anomaly(True) if self.cfg.detect_anomaly else contextlib.nullcontext()
+        with _DeferredSigint() as interrupt, anomaly:
             while self.step < self.cfg.steps:
                 logs = self.train_step(next(batches))
                 self.step += 1
@@ -328,20 +392,16 @@ class Trainer:
                     self._sample()
                 if self.cfg.ckpt_every > 0 and self.step % self.cfg.ckpt_every == 0:
                     self.save_checkpoint()
-                if self._stop_now(start):
-                    self.stopped = "time"
-                    stopped = f"time budget of {self.cfg.max_minutes} min reached at step {self.step}"
+                    saved_at = self.step
+                self.stopped = self._stop_reason(start, interrupt)
+                if self.stopped:
                     break
-        except KeyboardInterrupt:
             bar.close()
-            self.save_checkpoint()
-            self.stopped = "interrupted"
-            if self.is_main:
-                print(f"interrupted at step {self.step}; checkpoint saved to {self.ckpt_path}. "
-                      f"Resume with the same command plus --resume.")
-            return self.history
-        bar.close()
-        self.save_checkpoint()
-        if stopped and self.is_main:
-            print(f"{stopped}; checkpoint saved to {self.ckpt_path}")
+            if saved_at != self.step:
+                self.save_checkpoint()  # still deferring Ctrl-C: this write is not cut short by a first one
+        if self.stopped == "interrupted":
+            raise TrainingInterrupted(self.step, self.ckpt_path)
+        if self.stopped == "time" and self.is_main:
+            print(f"time budget of {self.cfg.max_minutes} min reached at step {self.step}; "
+                  f"checkpoint saved to {self.ckpt_path}")
         return self.history
