@@ -29,7 +29,7 @@ from einops import rearrange
 from torch import nn
 
 from .config import DiTConfig
-from .layers import timestep_embedding
+from .layers import attention, timestep_embedding
 
 COND_MODES = ("adaln", "cross-attn", "in-context")
 # Width of the sinusoidal t features fed to the timestep MLP: DiT's value, independent of D.
@@ -128,7 +128,7 @@ class Attention(nn.Module):
         v = rearrange(self.v(source), "b m (heads d) -> b heads m d", heads=self.num_heads)  # (B, heads, M, d)
         # A boolean attn_mask is True where attention is allowed: padded keys get weight exactly 0.
         attn_mask = None if mask is None else mask[:, None, None, :]  # (B, M) -> (B, 1, 1, M)
-        h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, N, d)
+        h = attention(q, k, v, attn_mask)  # (B, heads, N, d)
         return self.proj(rearrange(h, "b heads n d -> b n (heads d)"))    # (B, N, D)
 
 

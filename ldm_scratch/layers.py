@@ -1,5 +1,5 @@
-"""Building blocks shared by both stages: GroupNorm, the ResNet block, spatial self-attention,
-down/upsampling and the sinusoidal timestep embedding.
+"""Building blocks shared by both stages: GroupNorm, the ResNet block, attention (the one function every
+attention layer calls) and spatial self-attention, down/upsampling and the sinusoidal timestep embedding.
 
 The autoencoder (stage 1) uses these blocks without a time embedding; the U-Net (stage 2) passes
 one, and the block then applies it as a scale-shift after the second GroupNorm
@@ -68,11 +68,43 @@ class ResnetBlock(nn.Module):
         return self.skip(x) + h
 
 
+# On the CPU under bf16 autocast, PyTorch's fused attention kernel is the slow path at our sizes: its
+# backward measured ~10x slower in bf16 than in fp32 (39 vs 3.8 ms per call, batch 64, N = 16-64 tokens),
+# over half of a latent U-Net's or DiT's bf16 training step (ldm_scratch/bench.py, "levers"). Two plain
+# matmuls with the softmax in fp32 made those steps 1.3-3.5x faster. Above this many query x key
+# pairs the plain path's (N, M) score matrix costs more memory than the fused kernel saves time, so
+# large maps (e.g. SD's 64 x 64 = 4096 positions) keep the fused kernel. Set False to always fuse.
+CPU_BF16_PLAIN_ATTENTION = True
+PLAIN_ATTENTION_MAX_PAIRS = 1024 * 1024
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              plain: bool | None = None) -> torch.Tensor:
+    """Scaled dot-product attention, q (B, heads, N, d), k and v (B, heads, M, d) -> (B, heads, N, d).
+
+    mask: bool, broadcastable to (B, heads, N, M), True where a query may attend (padded keys: False).
+    Vaswani et al. 2017, Eq. 1. The same maths either way; only the kernel differs (see above).
+    plain: None chooses as above; True / False force the plain matmuls / the fused kernel (tests, bench).
+    """
+    if plain is None:
+        plain = (CPU_BF16_PLAIN_ATTENTION and q.device.type == "cpu" and q.dtype == torch.bfloat16
+                 and q.shape[-2] * k.shape[-2] <= PLAIN_ATTENTION_MAX_PAIRS)
+    if not plain:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    # softmax(Q K^T / sqrt(d)) V
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, heads, N, d) @ (B, heads, d, M) -> (B, heads, N, M)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))  # weight exactly 0 after the softmax
+    # the softmax in fp32: exp amplifies bf16's ~3-digit rounding of the scores
+    weights = scores.float().softmax(dim=-1).to(v.dtype)
+    return weights @ v  # (B, heads, N, M) @ (B, heads, M, d) -> (B, heads, N, d)
+
+
 class SelfAttention2d(nn.Module):
     """Multi-head self-attention over the H*W positions of a feature map, with a residual.
 
     GroupNorm -> q, k, v (per-position linear maps) -> softmax(q k^T / sqrt(d)) v -> linear -> + x.
-    Uses F.scaled_dot_product_attention (a fused kernel where the backend has one).
+    Calls `attention` (the fused kernel, or plain matmuls where those measured faster).
     """
 
     def __init__(self, channels: int, num_heads: int = 1, groups: int = 32):
@@ -91,7 +123,7 @@ class SelfAttention2d(nn.Module):
         h = rearrange(self.norm(x), "b c h w -> b (h w) c")  # (B, C, H, W) -> (B, N, C), N = H * W
         q, k, v = (rearrange(proj(h), "b n (heads d) -> b heads n d", heads=self.num_heads)
                    for proj in (self.q, self.k, self.v))  # 3 x (B, heads, N, C / heads)
-        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, d)
+        h = attention(q, k, v)  # (B, heads, N, d)
         h = rearrange(h, "b heads n d -> b n (heads d)")  # (B, N, C)
         h = self.proj_out(h)
         return x + rearrange(h, "b (h w) c -> b c h w", h=H, w=W)  # (B, N, C) -> (B, C, H, W)

@@ -29,6 +29,7 @@ from einops import rearrange
 from torch import nn
 
 from .config import TextEncoderConfig
+from .layers import attention
 
 PAD, BOS = "[pad]", "[bos]"
 SPECIAL_TOKENS = (PAD, BOS)  # ids 0 and 1, before every word
@@ -159,8 +160,10 @@ class TransformerBlock(nn.Module):
         # softmax(Q K^T / sqrt(d)) V, with masked keys given weight exactly 0 (a boolean attn_mask is True
         # where attention is allowed). Pad *queries* still compute an output; nothing downstream reads it.
         attn_mask = mask[:, None, None, :]  # (B, N) -> (B, 1, 1, N): the same keys for every head and query
-        h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if self.training and self.dropout:  # attention dropout: only the fused kernel has it
+            h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=self.dropout)
+        else:
+            h = attention(q, k, v, attn_mask)  # (B, heads, N, D/heads)
         h = rearrange(h, "b heads n d -> b n (heads d)")  # (B, heads, N, D/heads) -> (B, N, D)
         return F.dropout(self.proj(h), self.dropout, self.training)
 

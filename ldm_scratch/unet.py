@@ -24,7 +24,7 @@ from einops import rearrange
 from torch import nn
 
 from .config import UNetConfig
-from .layers import Downsample, Normalize, ResnetBlock, SelfAttention2d, Upsample, timestep_embedding
+from .layers import Downsample, Normalize, ResnetBlock, SelfAttention2d, Upsample, attention, timestep_embedding
 
 
 class CrossAttention2d(nn.Module):
@@ -53,7 +53,7 @@ class CrossAttention2d(nn.Module):
         v = rearrange(self.v(context), "b n (heads d) -> b heads n d", heads=self.num_heads)  # (B, heads, N, d)
         # A boolean attn_mask is True where attention is allowed: padded tokens get weight exactly 0.
         attn_mask = None if mask is None else mask[:, None, None, :]  # (B, N) -> (B, 1, 1, N)
-        h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, H*W, d)
+        h = attention(q, k, v, attn_mask)  # (B, heads, H*W, d)
         h = self.proj_out(rearrange(h, "b heads n d -> b n (heads d)"))  # (B, H*W, C)
         return x + rearrange(h, "b (h w) c -> b c h w", h=H, w=W)  # (B, H*W, C) -> (B, C, H, W)
 

@@ -1,0 +1,446 @@
+"""The benchmark suite: what our models cost, next to diffusers' and under each speed lever, in one run.
+
+`python -m ldm_scratch bench [--quick] [--out DIR] [--threads N] [--device cpu|cuda] [--compile]` prints
+four tables and writes them to OUT/bench.md and OUT/bench.json. Every row names its machine (CPU model or
+GPU), threads, dtype, batch and input shape: timings only mean something next to rows of the same run.
+  1. ours vs diffusers at the same configuration and input (`compare`): forward+backward and forward-only
+     ms per batch, peak memory, forward GFLOPs (metrics.count_flops), and the ratio ours/diffusers.
+  2. levers (`levers`): one training step (forward, loss, backward, AdamW) in fp32, bf16 autocast,
+     channels_last, bf16 with plain-matmul attention (MATH_ATTENTION, a proposed patch measured here),
+     torch.compile (--compile); speed relative to fp32.
+  3. sampling (`sampling`): images/s for DDIM with classifier-free guidance, [cond; null] in one batched
+     forward (diffusion.guided_eps) vs two separate forwards (TwoForwardCFG); latent models add one decode.
+  4. latent vs pixel (`latent_vs_pixel`): the same U-Net widths on 1x32x32 pixels and 4x8x8 latents (time
+     and FLOPs per step), and the FLOPs of one U-Net step at 512x512x3 vs 64x64x4 (Rombach et al. 2022,
+     Sec. 3: the f = 8 autoencoder's saving).
+Timing: `warmup` untimed reps, then the median of `reps` (torch.set_num_threads fixed). The median of a
+few reps resists other jobs on a shared machine; ratios within one run are the numbers to quote.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm_scratch.diffusion import GaussianDiffusion
+from ldm_scratch.metrics import count_flops
+from ldm_scratch.unet import UNet
+from ldm_scratch import bench_cases as cases
+from ldm_scratch import layers
+from ldm_scratch.bench_cases import Case, TwoForwardCFG  # noqa: F401 (re-exported)
+
+MiB = 2 ** 20
+GUIDANCE = 3.0        # the guidance scale of stage 2's grids
+CFG_PROBE_STEPS = 30  # DDIM steps in the sampling table (the grids' and evaluation's count)
+
+
+def machine() -> str:
+    """The CPU model from /proc/cpuinfo, or the GPU name when timing on cuda."""
+    if torch.cuda.is_available() and torch.get_default_device().type == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn: Callable[[], Any], warmup: int, reps: int, device: torch.device) -> float:
+    """Median wall time of fn() in ms, after `warmup` untimed calls (allocator, oneDNN kernel choice)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def fwd_bwd(case: Case) -> None:
+    """One forward and backward on a fixed scalar (the mean square of the output); grads freed after."""
+    case.model.train()
+    case.call().float().square().mean().backward()
+    case.model.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def fwd(case: Case) -> None:
+    case.model.eval()
+    case.call()
+
+
+def saved_activation_mib(case: Case) -> float:
+    """MiB of tensors autograd keeps for backward (parameters excluded), counted by storage once each.
+    Exact and in-process, so not disturbed by other jobs: the part of training memory that grows with B."""
+    params = {p.untyped_storage().data_ptr() for p in case.model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in params and s.device.type != "meta":
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    case.model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = case.call()
+    out.float().square().mean().backward()
+    case.model.zero_grad(set_to_none=True)
+    return sum(seen.values()) / MiB
+
+
+def peak_mib(pair: str, side: str, quick: bool, device: torch.device) -> tuple[float | None, str]:
+    """Peak memory of one forward+backward, and how it was measured.
+    cuda: torch.cuda.max_memory_allocated. CPU: tracemalloc cannot see torch's allocator, so a fresh
+    subprocess per model reports the rise of its resident set's peak over the step (_child_peak)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fwd_bwd(cases.PAIRS[pair](quick, device)[side])
+        return (torch.cuda.max_memory_allocated() - base) / MiB, "cuda max_memory_allocated"
+    code = (f"import torch; torch.set_num_threads({torch.get_num_threads()}); "
+            f"from ldm_scratch.bench import _child_peak; _child_peak({pair!r}, {side!r}, {quick})")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                             cwd=Path(__file__).resolve().parents[1])
+        return float(out.stdout.strip().splitlines()[-1]), "resident-set peak (VmHWM) rise over the step, subprocess per model"
+    except (subprocess.SubprocessError, ValueError, IndexError):
+        return None, "memory subprocess failed"
+
+
+def _child_peak(pair: str, side: str, quick: bool) -> None:
+    """Print the MiB the resident set rises above its pre-step size during one forward+backward. The peak
+    (VmHWM) is reset first by writing 5 to /proc/self/clear_refs (Linux >= 4.0), so the high-water mark
+    of imports and model building does not hide the step's; ru_maxrss is the fallback."""
+    case = cases.PAIRS[pair](quick, torch.device("cpu"))[side]
+
+    def status_kib(field: str) -> int:
+        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field))
+
+    try:
+        before = status_kib("VmRSS:")
+        Path("/proc/self/clear_refs").write_text("5")
+        fwd_bwd(case)
+        peak = status_kib("VmHWM:")
+    except OSError:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        fwd_bwd(case)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((peak - before) / 1024)
+
+
+def row(case: Case, dtype: str, **fields: Any) -> dict:
+    """The columns every row carries: where, how many threads, which dtype, which input."""
+    return {"machine": machine(), "threads": torch.get_num_threads(), "dtype": dtype, "batch": case.batch,
+            "input": case.shape, **fields}
+
+
+# -------------------------------------------------------------------------------------------------
+# 1. ours vs diffusers
+# -------------------------------------------------------------------------------------------------
+
+def compare(args: argparse.Namespace, device: torch.device) -> tuple[list[dict], list[str]]:
+    notes = []
+    try:
+        import diffusers  # noqa: F401  (optional: the comparison column needs it)
+        have_ref = True
+    except ImportError as e:
+        have_ref = False
+        notes.append(f"diffusers not importable ({e}): its columns are skipped")
+    rows = []
+    for pair, build in cases.PAIRS.items():
+        if args.quick and pair == "AE small-f8":
+            continue  # in quick mode both autoencoders are the tiny preset
+        built = build(args.quick, device, with_reference=have_ref)
+        notes.append(f"{pair}: {built['note']}")
+        result: dict[str, dict] = {}
+        for side in ("ours", "diffusers"):
+            case = built.get(side)
+            if case is None:
+                continue
+            peak, how = (None, "not measured (--quick)") if args.quick else peak_mib(pair, side, args.quick, device)
+            result[side] = {"fwd_bwd_ms": median_ms(lambda: fwd_bwd(case), args.warmup, args.reps, device),
+                            "fwd_ms": median_ms(lambda: fwd(case), args.warmup, args.reps, device),
+                            "saved_mib": saved_activation_mib(case), "peak_mib": peak, "peak_method": how,
+                            "gflops": case_flops(case) / 1e9, "params_m": case.params() / 1e6}
+        ours, ref = result["ours"], result.get("diffusers")
+        ratio = {k: (ours[k] / ref[k] if ref and ref[k] else None) for k in ("fwd_bwd_ms", "fwd_ms", "peak_mib")}
+        label = f"{pair} [quick: tiny preset]" if args.quick else pair
+        rows.append(row(built["ours"], "fp32", model=label, ours=ours, diffusers=ref, ratio=ratio))
+    return rows, notes
+
+
+def case_flops(case: Case) -> int:
+    """Forward FLOPs (multiply-add = 2) of case.call, through metrics.count_flops."""
+    return count_flops(_Call(case))
+
+
+class _Call(nn.Module):
+    def __init__(self, case: Case):
+        super().__init__()
+        self.case = case
+
+    def forward(self) -> torch.Tensor:
+        return self.case.call()
+
+
+# -------------------------------------------------------------------------------------------------
+# 2. levers: one training step under each
+# -------------------------------------------------------------------------------------------------
+
+def levers(args: argparse.Namespace, device: torch.device) -> tuple[list[dict], list[str]]:
+    notes = ["step = forward, loss (AE: L1 + 1e-6 KL; denoisers: L_simple at fixed t, eps), backward, AdamW",
+             "bf16: bf16 autocast with layers.attention's default (plain matmuls on the CPU in bf16); "
+             "bf16+fused-attn: the same with F.scaled_dot_product_attention forced (the default before "
+             "this benchmark found it ~10x slower in its bf16 CPU backward)"]
+    rows = []
+    for name, build in cases.lever_models(args.quick).items():
+        model, batch_fn, loss_fn, conv = build
+        choices = ["fp32", "bf16", "bf16+fused-attn"] + (["channels_last", "bf16+channels_last"] if conv else [])
+        if args.compile:
+            choices.append("compile")
+        base = None
+        for lever in choices:
+            ms, extra = lever_step_ms(model, batch_fn, loss_fn, lever, args, device)
+            if ms is None:
+                notes.append(f"{name} {lever}: {extra}")
+                continue
+            base = base or ms
+            x = batch_fn(device)[0]
+            rows.append({"machine": machine(), "threads": torch.get_num_threads(),
+                         "dtype": "bf16 autocast" if "bf16" in lever else "fp32", "batch": x.shape[0],
+                         "input": "x".join(map(str, x.shape[1:])), "model": name, "lever": lever,
+                         "step_ms": ms, "items_per_s": 1000 * x.shape[0] / ms, "x_fp32": base / ms, **extra})
+    return rows, notes
+
+
+def lever_step_ms(model: nn.Module, batch_fn, loss_fn, lever: str, args, device) -> tuple[float | None, dict]:
+    m = cases.fresh_copy(model).to(device)
+    batch = batch_fn(device)
+    if "channels_last" in lever:
+        m = m.to(memory_format=torch.channels_last)
+        batch = (batch[0].contiguous(memory_format=torch.channels_last),) + batch[1:]
+    extra: dict = {}
+    if lever == "compile":
+        try:
+            start = time.perf_counter()
+            m = torch.compile(m)
+            loss_fn(m, batch).backward()  # compiles forward and backward
+            extra["compile_s"] = time.perf_counter() - start
+        except Exception as e:  # inductor needs a C++ compiler; report, do not fail the suite
+            return None, {"skipped": f"torch.compile failed: {type(e).__name__}: {str(e)[:120]}"}
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if "bf16" in lever else contextlib.nullcontext
+    attn = fused_attention_patch if "fused-attn" in lever else contextlib.nullcontext
+
+    def step() -> None:
+        with amp(), attn():
+            loss = loss_fn(m, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    m.train()
+    return median_ms(step, args.warmup, args.reps, device), extra
+
+
+@contextlib.contextmanager
+def fused_attention_patch():
+    """Every layers.attention call uses F.scaled_dot_product_attention, also in bf16 on the CPU."""
+    original = layers.CPU_BF16_PLAIN_ATTENTION
+    layers.CPU_BF16_PLAIN_ATTENTION = False
+    try:
+        yield
+    finally:
+        layers.CPU_BF16_PLAIN_ATTENTION = original
+
+
+# -------------------------------------------------------------------------------------------------
+# 3. sampling with classifier-free guidance
+# -------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sampling(args: argparse.Namespace, device: torch.device) -> tuple[list[dict], list[str]]:
+    steps = 2 if args.quick else CFG_PROBE_STEPS
+    n = 4 if args.quick else 16
+    notes = [f"{n} class-conditional images, {steps} DDIM steps, guidance {GUIDANCE}; "
+             "batched = one forward on [cond; null] (2B), separate = two forwards of B (TwoForwardCFG)"]
+    diffusion = GaussianDiffusion()
+    ae = cases.sampling_autoencoder(args.quick).to(device).eval()
+    rows = []
+    for name, (model, latent) in cases.sampling_models(args.quick).items():
+        model = model.to(device).eval()
+        labels = torch.arange(n, device=device) % model.cfg.num_classes
+        shape = (n, model.cfg.in_channels, model.cfg.sample_size, model.cfg.sample_size)
+        decode_ms = median_ms(lambda: ae.decode(torch.randn(shape, device=device)), 1, args.reps, device) \
+            if latent else 0.0
+        for mode in ("batched", "separate"):
+            m = model if mode == "batched" else TwoForwardCFG(model)
+            g = torch.Generator(device).manual_seed(0)
+            ms = median_ms(lambda: diffusion.sample_ddim(m, shape, labels, model.null_class, num_steps=steps,
+                                                         guidance_scale=GUIDANCE, generator=g, progress=False),
+                           1 if args.quick else 0, 1 if args.quick else 2, device)
+            total = ms + decode_ms
+            rows.append({"machine": machine(), "threads": torch.get_num_threads(), "dtype": "fp32", "batch": n,
+                         "input": "x".join(map(str, shape[1:])), "model": name, "cfg": mode, "steps": steps,
+                         "denoise_ms": ms, "decode_ms": decode_ms, "images_per_s": 1000 * n / total})
+    return rows, notes
+
+
+# -------------------------------------------------------------------------------------------------
+# 4. latent vs pixel, same denoiser family
+# -------------------------------------------------------------------------------------------------
+
+def latent_vs_pixel(args: argparse.Namespace, device: torch.device) -> tuple[list[dict], list[str]]:
+    notes = ["same widths (ch, ch_mult, num_res_blocks, heads); attention at the same level index, "
+             "so the latent twin attends over 16x fewer positions",
+             "512/64 rows: FLOPs only, counted on the meta device (nothing allocated, nothing run)"]
+    rows = []
+    B = 2 if args.quick else 32
+    for label, cfg in cases.pixel_latent_twins(args.quick).items():
+        case = cases.unet_case(cfg, B, device, seed=0)
+        rows.append(row(case, "fp32", model=label, step_ms=median_ms(lambda: fwd_bwd(case), args.warmup,
+                                                                    args.reps, device),
+                        gflops_per_step=case_flops(case) / 1e9))
+    for label, cfg in cases.sd_size_twins().items():
+        with torch.device("meta"):
+            model = UNet(cfg)
+            x = torch.empty(1, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        rows.append({"machine": "meta device (FLOPs only)", "threads": torch.get_num_threads(), "dtype": "fp32",
+                     "batch": 1, "input": "x".join(map(str, x.shape[1:])), "model": label, "step_ms": None,
+                     "gflops_per_step": count_flops(model, x, torch.zeros(1, dtype=torch.long)) / 1e9})
+    for a, b in ((0, 1), (2, 3)):
+        ra, rb = rows[a], rows[b]
+        flops = ra["gflops_per_step"] / rb["gflops_per_step"]
+        notes.append(f"pixel/latent ({ra['input']} vs {rb['input']}): FLOPs x{flops:.1f}"
+                     + (f", time x{ra['step_ms'] / rb['step_ms']:.1f}" if ra["step_ms"] else ""))
+    return rows, notes
+
+
+# -------------------------------------------------------------------------------------------------
+# Output and the command line
+# -------------------------------------------------------------------------------------------------
+
+SECTIONS: dict[str, tuple[str, Callable]] = {
+    "compare": ("1. ours vs diffusers (same config, same input)", compare),
+    "levers": ("2. levers: one training step, speed relative to fp32", levers),
+    "sampling": ("3. sampling: DDIM with classifier-free guidance", sampling),
+    "latent_vs_pixel": ("4. latent vs pixel: one denoiser family, cost per step", latent_vs_pixel),
+}
+BASE_COLUMNS = ["machine", "threads", "dtype", "batch", "input"]
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
+
+
+def _flat(r: dict) -> dict:
+    """compare rows nest ours/diffusers/ratio: flatten to ours_fwd_bwd_ms, ..., for the table."""
+    out = {}
+    for k, v in r.items():
+        if isinstance(v, dict):
+            out.update({f"{k}_{kk}": vv for kk, vv in v.items() if kk != "peak_method"})
+        elif k not in ("diffusers",) or v is not None:
+            out[k] = v
+    return out
+
+
+def markdown_table(rows: list[dict]) -> str:
+    flat = [_flat(r) for r in rows]
+    cols = BASE_COLUMNS + [c for c in dict.fromkeys(k for r in flat for k in r) if c not in BASE_COLUMNS]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in flat]
+    return "\n".join(lines)
+
+
+def to_markdown(report: dict) -> str:
+    parts = [f"# ldm_scratch benchmarks\n\nmachine: {report['machine']}; device {report['device']}; "
+             f"threads {report['threads']}; torch {report['torch']}; quick={report['quick']}; "
+             f"median of {report['reps']} reps after {report['warmup']} warm-up"]
+    for key, (title, _) in SECTIONS.items():
+        sec = report["sections"].get(key)
+        if sec is None:
+            continue
+        parts.append(f"## {title}\n\n{markdown_table(sec['rows'])}")
+        parts.append("\n".join(f"- {n}" for n in sec["notes"]))
+    return "\n\n".join(parts) + "\n"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="tiny models and shapes, 2 timed reps (under a minute)")
+    p.add_argument("--out", default="bench_out", help="folder for bench.md and bench.json")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (fixed for the whole run)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile in the levers table")
+    p.add_argument("--only", nargs="+", choices=list(SECTIONS), default=list(SECTIONS), help="sections to run")
+    p.add_argument("--reps", type=int, default=None, help="timed reps (default 2 with --quick, else 5)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed reps first (default 1 with --quick, else 2)")
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda given but torch.cuda.is_available() is False; use --device cpu")
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    args.reps = args.reps or (2 if args.quick else 5)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    report = {"machine": machine() if device.type == "cpu" else torch.cuda.get_device_name(),
+              "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "quick": args.quick, "reps": args.reps, "warmup": args.warmup, "sections": {}}
+    for key in args.only:
+        title, fn = SECTIONS[key]
+        print(f"\n## {title}", flush=True)
+        start = time.perf_counter()
+        rows, notes = fn(args, device)
+        notes.append(f"section took {time.perf_counter() - start:.1f} s")
+        report["sections"][key] = {"rows": rows, "notes": notes}
+        print(markdown_table(rows))
+        print("\n".join(f"- {n}" for n in notes), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.md").write_text(to_markdown(report))
+    (out / "bench.json").write_text(json.dumps(report, indent=1))
+    print(f"\nwrote {out / 'bench.md'} and {out / 'bench.json'}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ldm_scratch bench", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        run(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

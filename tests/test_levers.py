@@ -1,0 +1,120 @@
+"""Every speed lever the benchmark suite (ldm_scratch/bench.py) times must compute the same function as fp32:
+bf16 autocast within a measured bound, channels_last and batched classifier-free guidance to float rounding,
+and layers.attention's plain-matmul path (the CPU bf16 default) equal to F.scaled_dot_product_attention."""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ldm_scratch import layers
+from ldm_scratch.bench import fused_attention_patch
+from ldm_scratch.bench_cases import NUM_CLASSES, TwoForwardCFG, lever_models
+from ldm_scratch.config import UNET_PRESETS, get_preset
+from ldm_scratch.diffusion import GaussianDiffusion
+from ldm_scratch.unet import UNet
+
+# bf16 keeps 8 significant bits: unit roundoff u = 2^-8 ~ 0.0039 per rounding. Autocast rounds the inputs of
+# every conv/matmul, and the errors of a chain of such layers add up: measured relative errors (norm of the
+# difference / norm of the fp32 output, random weights, tiny and small presets) were 0.005 (DiT) to 0.027
+# (autoencoder, the longest chain of convs), i.e. 1-7 u. The bound, 0.05 ~ 13 u, is ~2x the worst measured.
+BF16_REL_TOL = 0.05
+MODELS = lever_models(quick=True)  # the tiny presets the quick benchmark times
+
+
+def randomise(model: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
+    """Perturb every weight: zero-initialised output layers would make every output 0 and every test pass."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model.eval()
+
+
+def forward_fn(name: str, model, batch):
+    if name.startswith("AE"):
+        return lambda x: model(x, sample_posterior=False)[0]
+    return lambda x: model(x, batch[2], batch[1])
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return (torch.linalg.vector_norm(out.float() - ref) / torch.linalg.vector_norm(ref)).item()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@torch.no_grad()
+def test_bf16_autocast_forward_is_within_the_measured_bound(name):
+    model, batch_fn, _, _ = MODELS[name]
+    model, batch = randomise(model), batch_fn("cpu")
+    f = forward_fn(name, model, batch)
+    ref = f(batch[0])
+    assert ref.abs().max() > 0.1  # a real output, not the zero-init one
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = f(batch[0])
+    with torch.autocast("cpu", dtype=torch.bfloat16), fused_attention_patch():
+        fused = f(batch[0])
+    assert plain.dtype == torch.bfloat16 or name.startswith("AE")  # autocast really was on
+    assert rel_error(plain, ref) < BF16_REL_TOL
+    assert rel_error(fused, ref) < BF16_REL_TOL
+
+
+@pytest.mark.parametrize("name", [n for n, m in MODELS.items() if m[3]])  # the convolutional models
+@torch.no_grad()
+def test_channels_last_matches_fp32(name):
+    model, batch_fn, _, _ = MODELS[name]
+    model, batch = randomise(model), batch_fn("cpu")
+    ref = forward_fn(name, model, batch)(batch[0])
+    model = model.to(memory_format=torch.channels_last)
+    out = forward_fn(name, model, batch)(batch[0].contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", [n for n in MODELS if not n.startswith("AE")])
+@torch.no_grad()
+def test_batched_cfg_equals_two_separate_forwards(name):
+    model = randomise(MODELS[name][0])
+    x = torch.randn(3, model.cfg.in_channels, model.cfg.sample_size, model.cfg.sample_size)
+    t, labels, diffusion = torch.tensor([5, 500, 999]), torch.tensor([0, 3, 9]), GaussianDiffusion()
+    batched = diffusion.guided_eps(model, x, t, labels, NUM_CLASSES, guidance_scale=3.0)
+    separate = diffusion.guided_eps(TwoForwardCFG(model), x, t, labels, NUM_CLASSES, guidance_scale=3.0)
+    torch.testing.assert_close(batched, separate, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_batched_cfg_equals_two_forwards_with_a_masked_context():
+    cfg = dataclasses.replace(get_preset(UNET_PRESETS, "tiny-latent"), context_dim=8)
+    model = randomise(UNet(cfg))
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 700])
+    context, mask = torch.randn(2, 5, 8), torch.tensor([[True] * 5, [True, True, False, False, False]])
+    null = (torch.zeros(1, 5, 8), torch.ones(1, 5, dtype=torch.bool))
+    diffusion = GaussianDiffusion()
+    batched = diffusion.guided_eps(model, x, t, (context, mask), null, guidance_scale=2.0)
+    separate = diffusion.guided_eps(TwoForwardCFG(model), x, t, (context, mask), null, guidance_scale=2.0)
+    torch.testing.assert_close(batched, separate, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_plain_attention_equals_sdpa_values_and_gradients(masked):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 8, generator=g, requires_grad=True) for _ in range(3))
+    mask = (torch.rand(2, 1, 1, 16, generator=g) > 0.3) | (torch.arange(16) == 0) if masked else None
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    out = layers.attention(q, k, v, mask, plain=True)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_plain_attention_is_the_cpu_bf16_default_and_the_patch_restores_it():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 8, generator=g).bfloat16() for _ in range(3))
+    plain = layers.attention(q, k, v, plain=True)
+    assert torch.equal(layers.attention(q, k, v), plain)  # auto picks the plain path for CPU bf16
+    with fused_attention_patch():
+        assert not layers.CPU_BF16_PLAIN_ATTENTION
+        fused = layers.attention(q, k, v)
+    assert layers.CPU_BF16_PLAIN_ATTENTION
+    # both in bf16: agree to bf16 rounding (2^-8 relative, a few roundings deep)
+    torch.testing.assert_close(fused.float(), plain.float(), atol=0.03, rtol=0.03)
