@@ -210,28 +210,45 @@ def evaluate(unet: UNet, diffusion: GaussianDiffusion, n_per_class: int = 50, nu
              guidance_scale: float = 3.0, generator: torch.Generator | None = None, batch_size: int = 256,
              precision: str = "auto", classifier: nn.Module | None = None) -> dict[str, float]:
     """Class-conditional samples scored by the MNIST classifier (metrics.py): conditional accuracy, and
-    classifier-FID against n real digits beside the real-vs-real FID at the same n (its floor).
-
-    The real digits are n drawn (seed 0) from all 5,000 of MNIST-5k, the pool real_vs_real_fid draws
-    its two sets from, so the two FIDs are measured alike (n = 10 n_per_class <= 2,500). Most of that pool
-    is training data: a model that copied its training digits would also score near the floor, so read
-    the FID beside the accuracy and the grids, not alone.
+    classifier-FID against n real digits beside the real-vs-real FID at the same n (its floor); see
+    score_digits. Latent models (stage 3) sample through their pipeline and call score_digits themselves.
     """
-    from ldm_scratch.data import MNIST5k  # imported here: sampling must not need the data to load
-    from ldm_scratch.metrics import (DIGIT_SHAPE, NUM_CLASSES, classifier_fid, conditional_accuracy,
-                                     load_classifier, real_vs_real_fid)
+    from ldm_scratch.metrics import DIGIT_SHAPE, NUM_CLASSES
     made = (unet.cfg.in_channels, unet.cfg.sample_size, unet.cfg.sample_size)
     if unet.cfg.num_classes != NUM_CLASSES or made != DIGIT_SHAPE:
         raise ValueError(f"evaluate needs a U-Net making {DIGIT_SHAPE} digits of {NUM_CLASSES} classes (the "
                          f"classifier's input); this one makes {made} with num_classes={unet.cfg.num_classes}")
-    real = MNIST5k("all", pad_to=DIGIT_SHAPE[1]).images
-    n = NUM_CLASSES * n_per_class
-    if n_per_class < 1 or 2 * n > len(real):
-        raise ValueError(f"n_per_class must be in 1..{len(real) // (2 * NUM_CLASSES)} (two disjoint sets of "
-                         f"10 n_per_class real digits for the baseline); got {n_per_class}")
-    labels = torch.arange(NUM_CLASSES).repeat_interleave(n_per_class)  # (n,): n_per_class of each digit
+    labels = eval_labels(n_per_class)  # (n,): n_per_class of each digit
     samples = generate(unet, diffusion, labels, num_steps=num_steps, guidance_scale=guidance_scale,
                        generator=generator, precision=precision, batch_size=batch_size).cpu()
+    return score_digits(samples, labels, classifier)
+
+
+def eval_labels(n_per_class: int) -> torch.Tensor:
+    """(10 n_per_class,) labels, n_per_class of each digit; n_per_class is checked against the real pool
+    score_digits draws two disjoint sets of 10 n_per_class digits from (n <= 2,500)."""
+    from ldm_scratch.metrics import NUM_CLASSES
+    limit = 5000 // (2 * NUM_CLASSES)  # MNIST-5k holds 5,000 digits: two disjoint sets of n
+    if isinstance(n_per_class, bool) or not isinstance(n_per_class, int) or not 1 <= n_per_class <= limit:
+        raise ValueError(f"n_per_class must be in 1..{limit} (two disjoint sets of 10 n_per_class real digits "
+                         f"for the baseline); got {n_per_class!r}")
+    return torch.arange(NUM_CLASSES).repeat_interleave(n_per_class)
+
+
+def score_digits(samples: torch.Tensor, labels: torch.Tensor, classifier: nn.Module | None = None) -> dict[str, float]:
+    """Digit samples (n, 1, 32, 32) in [-1, 1] asked for `labels` (n,): conditional accuracy, classifier-FID
+    against n real digits and the real-vs-real FID at the same n (the floor FID can reach).
+
+    The real digits are n drawn (seed 0) from all 5,000 of MNIST-5k, the pool real_vs_real_fid draws
+    its two sets from, so the two FIDs are measured alike. Most of that pool is training data: a model
+    that copied its training digits would also score near the floor, so read the FID beside the
+    accuracy and the grids, not alone.
+    """
+    from ldm_scratch.data import MNIST5k  # imported here: sampling must not need the data to load
+    from ldm_scratch.metrics import (DIGIT_SHAPE, classifier_fid, conditional_accuracy, load_classifier,
+                                     real_vs_real_fid)
+    real = MNIST5k("all", pad_to=DIGIT_SHAPE[1]).images
+    n = len(samples)
     classifier = classifier if classifier is not None else load_classifier()
     reference = real[torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:n]]
     return {"cond_acc": conditional_accuracy(samples, labels, classifier),

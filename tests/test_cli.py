@@ -82,3 +82,90 @@ def test_train_autoencoder_on_a_users_image_folder(tmp_path):
     assert json.loads((out / "model" / "config.json").read_text())["config"]["in_channels"] == 3
     r = run_cli("train-autoencoder", "--data", "folder", "--steps", "1", "--out", str(out), timeout=60)
     assert r.returncode != 0 and "--data-dir" in r.stderr
+
+
+# ----------------------------------------------------------------------------- stage 3 (latent diffusion)
+# In-process main() calls: one interpreter start instead of one per command keeps these seconds, not minutes.
+LATENT_RUN = ["--steps", "3", "--batch-size", "8", "--precision", "fp32", "--sample-steps", "2",
+              "--sample-every", "0", "--ckpt-every", "0"]
+
+
+@pytest.fixture(scope="module")
+def autoencoders(tmp_path_factory):
+    """Untrained tiny autoencoders saved as folders: 1 channel (mnist5k) and 3 (colored)."""
+    import dataclasses
+    import torch
+    from ldm_scratch.autoencoder import AutoencoderKL
+    from ldm_scratch.config import AUTOENCODER_PRESETS, get_preset
+    root = tmp_path_factory.mktemp("ae")
+    for c in (1, 3):
+        torch.manual_seed(0)
+        cfg = dataclasses.replace(get_preset(AUTOENCODER_PRESETS, "tiny"), in_channels=c, scale_factor=0.8)
+        AutoencoderKL(cfg).save_pretrained(root / f"ae{c}")
+    return root
+
+
+@pytest.mark.parametrize("data, conditioning, denoiser, channels", [
+    ("mnist5k", "class", "dit", 1),     # classes, the transformer: accuracy and FID beside its floor
+    ("colored", "text", "unet", 3),     # captions, the U-Net: prompt adherence beside its ceiling
+])
+def test_latent_training_writes_pipeline_and_eval(autoencoders, tmp_path, capsys, data, conditioning, denoiser,
+                                                  channels):
+    from ldm_scratch.__main__ import main
+    out = tmp_path / "run"
+    args = ["train-diffusion", "--space", "latent", "--autoencoder", str(autoencoders / f"ae{channels}"),
+            "--data", data, "--conditioning", conditioning, "--denoiser", denoiser, "--eval-per-class", "1",
+            "--out", str(out), *LATENT_RUN]
+    if conditioning == "text":
+        args += ["--context-dim", "16"]
+    assert main(args) == 0, capsys.readouterr().err[-2000:]
+    index = json.loads((out / "pipeline" / "model_index.json").read_text())
+    assert index["denoiser"] == denoiser and index["conditioning"] == conditioning
+    assert (out / "latents.pt").is_file() and (out / "samples" / "final.png").is_file()
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["steps"] == 3 and ev["denoiser"] == denoiser
+    if conditioning == "class":
+        assert 0 <= ev["eval"]["cond_acc"] <= 1 and ev["eval"]["fid"] > ev["eval"]["fid_real_vs_real"] > 0
+        # resume: the same run folder goes on from step 3 to 5, re-using the latent cache
+        assert main([*args[:-len(LATENT_RUN)], *LATENT_RUN[:1], "5", *LATENT_RUN[2:], "--resume"]) == 0
+        assert len((out / "log.jsonl").read_text().splitlines()) == 5
+        assert "re-encoding" not in capsys.readouterr().out
+        assert json.loads((out / "eval.json").read_text())["steps"] == 5
+        # a prompt to a class model: one line, exit 2
+        assert main(["sample", "--model", str(out / "pipeline"), "--prompt", "a red 7 on grass"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "class_labels" in err[0]
+    else:
+        for key in ("adherence", "ceiling"):
+            assert set(ev["eval"][key]) >= {"digit_acc", "color_acc", "background_acc", "all_acc"}
+        png = tmp_path / "grid.png"
+        assert main(["sample", "--model", str(out / "pipeline"), "--prompt", "a red 7 on grass", "a blue 1 on plain",
+                     "--num-images", "2", "--steps", "2", "--guidance", "2", "--out", str(png)]) == 0
+        assert png.stat().st_size > 0
+        capsys.readouterr()
+        assert main(["sample", "--model", str(out / "pipeline"), "--prompt", "a purple 7 on grass",
+                     "--out", str(png)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "'purple'" in err[0] and "magenta" in err[0]  # the vocabulary is listed
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ([], "--autoencoder"),                                               # latent space needs stage 1
+    (["--autoencoder", "AE3", "--hidden-size", "8"], "--denoiser dit"),  # a DiT flag on the U-Net
+    (["--autoencoder", "AE3", "--data", "mnist5k"], "takes 3"),          # 1-channel digits, 3-channel autoencoder
+    (["--autoencoder", "AE1", "--conditioning", "text"], "--data colored"),  # no captions in mnist5k
+    (["--autoencoder", "AE3", "--data", "colored", "--preset", "dit-tiny"], "not a 'unet' preset"),
+])
+def test_latent_flag_errors_are_one_line(autoencoders, tmp_path, capsys, extra, expected):
+    from ldm_scratch.__main__ import main
+    extra = [str(autoencoders / "ae3") if a == "AE3" else str(autoencoders / "ae1") if a == "AE1" else a
+             for a in extra]
+    assert main(["train-diffusion", "--space", "latent", *extra, "--out", str(tmp_path), *LATENT_RUN]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+
+
+def test_pixel_space_refuses_latent_flags(capsys):
+    from ldm_scratch.__main__ import main
+    assert main(["train-diffusion", "--data", "colored", "--steps", "1"]) == 2
+    assert "--space latent" in capsys.readouterr().err

@@ -1,5 +1,6 @@
-"""The README's main job in quick mode: `python -m ldm_scratch demo --quick` writes its models,
-grids and a report with measured PSNR/SSIM next to the non-learned floor."""
+"""The README's main job in quick mode: `python -m ldm_scratch demo --quick` trains both stages on the
+captioned coloured digits and writes the pipeline, the prompt grid, the guidance sweep and a report;
+`demo-autoencoders` (the stage-1 photo showcase) still writes its models and PSNR/SSIM beside the floor."""
 import json
 import os
 import subprocess
@@ -9,11 +10,32 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_demo_quick_writes_models_grids_and_report(tmp_path):
-    out = tmp_path / "demo"
+def run(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
-    r = subprocess.run([sys.executable, "-m", "ldm_scratch", "demo", "--quick", "--steps-scale", "0.1",
-                        "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "ldm_scratch", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+def test_demo_quick_trains_both_stages_and_reports(tmp_path):
+    out = tmp_path / "demo"
+    r = run("demo", "--quick", "--steps-scale", "0.1", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    for f in ("report.json", "report.md", "prompts.png", "guidance_sweep.png", "autoencoder_heldout.png",
+              "autoencoder/model/config.json", "denoiser/latents.pt", "denoiser/pipeline/model_index.json",
+              "denoiser/pipeline/text_encoder/model.pt"):
+        assert (out / f).is_file(), f
+    report = json.loads((out / "report.json").read_text())
+    assert [s["guidance_scale"] for s in report["sweep"]] == [1.0, 2.0, 3.0, 5.0]
+    assert set(report["ceiling"]) >= {"digit_acc", "color_acc", "background_acc", "all_acc"}
+    assert report["denoiser"]["conditioning"] == "text" and report["denoiser"]["steps"] >= 1
+    assert len(report["phases"]) == 4 and report["machine"]["threads"] >= 1
+    text = (out / "report.md").read_text()
+    assert "ceiling" in text and "a red 7 on grass" in text
+
+
+def test_demo_autoencoders_writes_models_grids_and_report(tmp_path):
+    out = tmp_path / "demo"
+    r = run("demo-autoencoders", "--quick", "--steps-scale", "0.05", "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert set(report["runs"]) == {"mnist_f4", "photo_f8", "photo_f4"}

@@ -1,5 +1,6 @@
 """Stage-1 commands: `train-autoencoder` (the KL autoencoder, Rombach et al. 2022, Sec. 3) and
-`demo`, the stage-1 showcase (three autoencoders, held-out metrics, report.md/json).
+`demo-autoencoders`, the stage-1 showcase (three autoencoders, held-out metrics, report.md/json).
+The end-to-end demo, both stages on captioned coloured digits, is `demo` (cli/demo.py).
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def train_autoencoder(args: argparse.Namespace) -> dict:
             "precision": trainer.precision}
 
 
-# ----------------------------------------------------------------------------- demo
+# ----------------------------------------------------------------------------- demo-autoencoders
 # (preset, data, image size, steps, batch, disc_start, full minutes). Step counts are sized for a
 # 2-core CPU with bf16 autocast (benchmarks/bench_autoencoder.py: ~1.2 s per photo step of 16 crops,
 # ~1 s per digit step of 32 when one core is busy elsewhere), so steps and the time cap end a full run
@@ -77,10 +78,10 @@ def train_autoencoder_parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_demo(p: argparse.ArgumentParser) -> None:
+def add_demo_autoencoders(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="about a minute per model instead of 10 + 20 + 15")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every step count (tests use 0.01)")
+    p.add_argument("--out", default="runs/demo-autoencoders")
+    p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every step count (tests use 0.05)")
 
 
 def machine_info(precision: str) -> dict:
@@ -95,7 +96,7 @@ def machine_info(precision: str) -> dict:
             "python": platform.python_version()}
 
 
-def demo(args: argparse.Namespace) -> dict:
+def demo_autoencoders(args: argparse.Namespace) -> dict:
     """Train both stage-1 autoencoders, evaluate the held-out images, write report.md/json."""
     from ldm_scratch.data import HELDOUT_PHOTOS, MNIST5k
     from ldm_scratch.metrics import psnr, ssim
@@ -153,5 +154,6 @@ def render_report(report: dict) -> str:
 
 COMMANDS: dict[str, Command] = {
     "train-autoencoder": (add_train_autoencoder, train_autoencoder, "train stage 1 (the KL autoencoder)"),
-    "demo": (add_demo, demo, "train and evaluate the two stage-1 autoencoders; write report.md"),
+    "demo-autoencoders": (add_demo_autoencoders, demo_autoencoders,
+                          "the stage-1 showcase: MNIST f=4, photos f=8 and f=4 autoencoders; report.md"),
 }

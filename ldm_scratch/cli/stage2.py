@@ -1,5 +1,8 @@
 """Stage-2 commands: `train-diffusion` (a class-conditional pixel DDPM, Ho et al. 2020, with
 classifier-free guidance, Ho & Salimans 2022) and `sample` (a PNG grid from a saved model).
+
+Both also take stage 3's latent models: `--space latent` and a pipeline folder go to stage3.py, so one
+command covers both spaces and the pixel path reads as it always did.
 """
 from __future__ import annotations
 
@@ -13,8 +16,9 @@ from typing import Any
 import torch
 
 from ldm_scratch.cli import Command
+from ldm_scratch.cli import stage3
 from ldm_scratch.cli.flags import CHOICES, add_config_flags, apply_flags, build_data
-from ldm_scratch.config import UNET_PRESETS, DiffusionConfig, TrainConfig, UNetConfig, get_preset
+from ldm_scratch.config import DIT_PRESETS, UNET_PRESETS, DiffusionConfig, TrainConfig, UNetConfig, get_preset
 from ldm_scratch.device import default_device
 from ldm_scratch.stage2 import SAMPLERS, SPACES
 
@@ -26,28 +30,42 @@ PIXEL_PRESETS = ("tiny", "small")
 
 def add_train_diffusion(p: argparse.ArgumentParser) -> None:
     p.add_argument("--space", choices=SPACES, default="pixel",
-                   help="pixel: a DDPM on the images themselves (latent: stage 3)")
-    p.add_argument("--data", choices=("mnist5k",), default="mnist5k")
-    p.add_argument("--image-size", type=int, default=None, help="padded size of the digits (default 32)")
-    p.add_argument("--preset", choices=PIXEL_PRESETS, default="tiny")
+                   help="pixel: a DDPM on the images themselves; latent: on an autoencoder's latents (--autoencoder)")
+    p.add_argument("--data", choices=stage3.LATENT_DATA, default="mnist5k",
+                   help="mnist5k (1 x 32 x 32 digits) or colored (3 x 32 x 32 captioned digits; --space latent)")
+    p.add_argument("--image-size", type=int, default=None, help="pixel: padded size of the digits (default 32)")
+    p.add_argument("--preset", choices=sorted({*PIXEL_PRESETS, *UNET_PRESETS, *DIT_PRESETS}), default=None,
+                   help="default: tiny (pixel), tiny-latent (--denoiser unet) or dit-tiny (--denoiser dit)")
     p.add_argument("--p-uncond", type=float, default=0.1, help="condition dropout, for classifier-free guidance")
     p.add_argument("--guidance-scale", type=float, default=3.0, help="for the sample grids and the evaluation")
     p.add_argument("--sample-steps", type=int, default=30, help="DDIM steps of the sample grids")
     p.add_argument("--eval-per-class", type=int, default=0,
-                   help=">0: after training, score 10 x K samples (conditional accuracy, classifier-FID)")
-    p.add_argument("--out", default="runs/diffusion", help="run folder: checkpoint, logs, grids, model/")
+                   help=">0: after training, score 10 x K samples (class: conditional accuracy, classifier-FID; "
+                        "text: prompt adherence on 10 x K held-out captions) -> OUT/eval.json")
+    p.add_argument("--out", default="runs/diffusion", help="run folder: checkpoint, logs, grids, model/ or pipeline/")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    stage3.add_latent_arguments(p)
     for cls in (UNetConfig, DiffusionConfig, TrainConfig):
         add_config_flags(p, cls)
 
 
 def train_diffusion(args: argparse.Namespace) -> dict:
-    """Train a class-conditional pixel DDPM and save OUT/model/ (EMA weights); returns a summary."""
+    """Train a class-conditional pixel DDPM and save OUT/model/ (EMA weights); returns a summary.
+    --space latent: stage3.train_latent (OUT/pipeline/)."""
     from ldm_scratch.stage2 import DiffusionTask, diffusion_train_config, evaluate, load_diffusion_model
     from ldm_scratch.train import Trainer
-    if args.space != "pixel":
-        raise ValueError("--space latent arrives with stage 3 (it denoises a trained autoencoder's latents); "
-                         "valid for now: --space pixel")
+    if args.space == "latent":
+        return stage3.train_latent(args)
+    latent_only = [f for f, v in (("--autoencoder", args.autoencoder), ("--conditioning", args.conditioning),
+                                  ("--denoiser dit", args.denoiser == "dit"), ("--data colored", args.data != "mnist5k"))
+                   if v]
+    if latent_only:
+        raise ValueError(f"{', '.join(latent_only)}: for --space latent (pixel space is the class-conditional "
+                         "U-Net on mnist5k; unconditional: --num-classes 0)")
+    stage3.check_denoiser_flags(args, "unet")
+    if args.preset not in (None, *PIXEL_PRESETS):
+        raise ValueError(f"--preset {args.preset} is a latent preset; pixel presets: {', '.join(PIXEL_PRESETS)}")
+    args.preset = args.preset or PIXEL_PRESETS[0]
     train_cfg = apply_flags(diffusion_train_config(), args)  # Adam betas (0.9, 0.999) unless --betas
     data = build_data(args.data, args.image_size, train_cfg.seed)
     x, _ = data[0]
@@ -85,38 +103,52 @@ def train_diffusion(args: argparse.Namespace) -> dict:
 
 
 def add_sample(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a model folder (OUT/model from train-diffusion)")
+    p.add_argument("--model", required=True,
+                   help="OUT/pipeline (a latent pipeline, model_index.json) or OUT/model (a pixel model)")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--class-labels", type=int, nargs="+", default=None, help="one sample per label: 0 1 2 7")
-    which.add_argument("--n-per-class", type=int, default=8, help="K samples of every class, a row each (default 8)")
+    which.add_argument("--prompt", nargs="+", default=None, help='text pipelines: one row per prompt, e.g. '
+                                                                 '"a red 7 on grass" "a blue 1 on plain"')
+    which.add_argument("--class-labels", type=int, nargs="+", default=None,
+                       help="class models: a row per label (pixel models: one sample per label): 0 1 2 7")
+    p.add_argument("--num-images", "--n-per-class", dest="num_images", type=int, default=None,
+                   help="images per prompt or label, a row each (default 8; pixel with --class-labels: 1)")
     p.add_argument("--steps", type=int, default=30, help="DDIM steps (DDPM always takes all T)")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
-    p.add_argument("--guidance-scale", type=float, default=None, help="1 = none (default: the model's saved value)")
+    p.add_argument("--guidance-scale", "--guidance", type=float, default=None,
+                   help="1 = none (default: the model's saved value)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=CHOICES["precision"], default="auto")
     p.add_argument("--out", default="samples.png", help="the PNG grid to write")
 
 
 def sample(args: argparse.Namespace) -> Path:
-    """Load a pixel model folder, sample a grid (a row per class, or the asked labels) and save it."""
+    """Load a pixel model folder, sample a grid (a row per class, or the asked labels) and save it.
+    A pipeline folder (model_index.json): stage3.sample_pipeline."""
     from ldm_scratch.stage2 import generate, load_diffusion_model
     from ldm_scratch.train import save_image_grid
+    if stage3.is_pipeline(args.model):
+        return stage3.sample_pipeline(args)
+    if args.prompt is not None:
+        raise ValueError(f"{args.model} is a class-conditional pixel model: it takes --class-labels, not --prompt "
+                         "(text prompts need a latent pipeline folder, OUT/pipeline)")
     unet, diffusion, meta = load_diffusion_model(args.model, default_device())
     if meta["space"] != "pixel":
         raise ValueError(f"{args.model} is a {meta['space']} model; sample it through its latent pipeline")
     k = unet.cfg.num_classes
+    if args.num_images is not None and args.num_images < 1:
+        raise ValueError(f"--num-images must be >= 1; got {args.num_images}")
     if args.class_labels is not None:
         bad = [c for c in args.class_labels if not 0 <= c < k]
         if bad:
             raise ValueError(f"--class-labels {bad} out of range; valid labels: "
                              f"{f'0..{k - 1}' if k else 'none (unconditional model: use --n-per-class)'}")
-        labels, row = torch.tensor(args.class_labels), 10
-    elif args.n_per_class < 1:
-        raise ValueError(f"--n-per-class must be >= 1; got {args.n_per_class}")
+        # one sample per label in rows of 10, or --num-images per label, a row each
+        n = args.num_images or 1
+        labels, row = torch.tensor(args.class_labels).repeat_interleave(n), n if args.num_images else 10
     else:
-        labels = torch.arange(k).repeat_interleave(args.n_per_class) if k else args.n_per_class
-        row = args.n_per_class
+        n = args.num_images or 8
+        labels, row = torch.arange(k).repeat_interleave(n) if k else n, n
     w = 1.0 if not k else meta.get("guidance_scale", 1.0) if args.guidance_scale is None else args.guidance_scale
     device = next(unet.parameters()).device
     x = generate(unet, diffusion, labels, num_steps=args.steps, guidance_scale=w, sampler=args.sampler,
@@ -129,8 +161,8 @@ def sample(args: argparse.Namespace) -> Path:
     return Path(args.out)
 
 
-# A new stage-2 command (latent training, text-to-image sampling) is one more entry here.
 COMMANDS: dict[str, Command] = {
-    "train-diffusion": (add_train_diffusion, train_diffusion, "train stage 2 in pixel space (class-conditional DDPM)"),
-    "sample": (add_sample, sample, "sample a PNG grid from a saved diffusion model"),
+    "train-diffusion": (add_train_diffusion, train_diffusion,
+                        "train a denoiser: a pixel DDPM, or (--space latent) latent diffusion -> a pipeline"),
+    "sample": (add_sample, sample, "sample a PNG grid from a saved pipeline (prompts, labels) or pixel model"),
 }

@@ -1,0 +1,187 @@
+"""`python -m ldm_scratch demo`: the main job, text-to-image latent diffusion trained from nothing on the
+shipped captioned coloured digits (Rombach et al. 2022: stage 1 Sec. 3, stage 2 Sec. 3.3 and 4.3).
+
+  1. stage 1   the small-f4 KL autoencoder, 3 x 32 x 32 -> 4 x 8 x 8       (train-autoencoder --data colored)
+  2. stage 2   a text-conditioned latent U-Net on the cached latents, its text encoder trained jointly,
+               captions dropped to "" with p_uncond 0.1 for classifier-free guidance
+                                                   (train-diffusion --space latent --conditioning text)
+  3. results   the pipeline (OUT/denoiser/pipeline), a grid of fixed prompts (a row each), a guidance
+               sweep of prompt adherence beside the autoencoder's ceiling, report.md + report.json
+Each phase runs the command a user would type; the step counts are sized from measured step times, and
+--max-minutes per phase is the safety net on a slower machine. The stage-1 photo showcase that used to be
+this command is `demo-autoencoders` (cli/stage1.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ldm_scratch.cli import Command
+from ldm_scratch.cli.stage1 import machine_info, train_autoencoder, train_autoencoder_parser
+
+# Every attribute varies down the rows (digit, colour, background), so the grid shows which words took.
+PROMPTS = ("a red 7 on grass", "a blue 1 on plain", "a green 3 on brick", "a yellow 0 on gravel",
+           "a magenta 4 on plain", "a white 8 on grass", "a cyan 2 on gravel", "an orange 9 on brick")
+GUIDANCE = (1.0, 2.0, 3.0, 5.0)   # the sweep: 1 = no guidance; LDM's text-to-image samples use 1.5-10
+# Full mode, for ~20 minutes on 2 idle cores. Step times measured on ONE core shared with other jobs:
+# small-f4 on coloured digits 0.9 s per step of 32 (1.6 s once the discriminator joins), bf16;
+# the text-latent U-Net 0.6 s per step of 64 in fp32 (bf16 autocast is 1.3x faster since layers.attention's
+# fp32-softmax matmuls, commit 0cdadc1, so "auto" = bf16 here). An idle machine
+# runs about twice as fast, which the step counts assume; the minutes cap each phase if it does not.
+AE_RUN = {"preset": "small-f4", "steps": 700, "batch": 32, "disc_start": 500, "minutes": 7.0}
+DENOISER_RUN = {"preset": "text-latent", "steps": 3000, "batch": 64, "minutes": 10.0, "ema": 0.999}
+EVAL = {"per_digit": 10, "steps": 30, "images_per_prompt": 8}   # 100 held-out captions per guidance value
+# --quick: about 2 minutes in all (the tests' run); the models are then barely trained, the files all there.
+QUICK_STEPS, QUICK_MINUTES = 0.05, 0.5
+QUICK_EVAL = {"per_digit": 2, "steps": 10, "images_per_prompt": 4}
+QUICK_EMA = 0.95   # a 0.999 average over ~150 steps would still be mostly the initial weights
+
+
+def add_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="about 2 minutes in all instead of about 20")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every step count (tests use 0.1)")
+
+
+def demo(args: argparse.Namespace) -> dict:
+    """Train both stages, sample, sweep the guidance scale, write report.md and report.json."""
+    from ldm_scratch.cli.stage2 import add_train_diffusion
+    from ldm_scratch.cli.stage3 import heldout_captions, reconstruction, train_latent
+    out, quick = Path(args.out), args.quick
+    scale = args.steps_scale * (QUICK_STEPS if quick else 1.0)
+    steps = lambda n: max(2, int(n * scale))  # noqa: E731
+    minutes = lambda m: QUICK_MINUTES if quick else m  # noqa: E731
+    ev = QUICK_EVAL if quick else EVAL
+    report: dict[str, Any] = {"quick": quick, "phases": {}, "prompts": list(PROMPTS)}
+    clock = time.time()
+
+    def phase(name: str) -> None:  # seconds since the last phase ended
+        nonlocal clock
+        report["phases"][name] = round(time.time() - clock, 1)
+        clock = time.time()
+
+    # 1. stage 1 ---------------------------------------------------------------------------------------
+    a = AE_RUN
+    n = steps(a["steps"])
+    argv = ["--preset", a["preset"], "--data", "colored", "--steps", str(n), "--batch-size", str(a["batch"]),
+            "--disc-start", str(max(1, int(a["disc_start"] * n / a["steps"]))), "--max-minutes",
+            str(minutes(a["minutes"])), "--sample-every", str(max(1, n // 4)), "--ckpt-every", str(max(1, n // 4)),
+            "--out", str(out / "autoencoder")]
+    print(f"\n== stage 1: train-autoencoder {' '.join(argv)}")
+    res = train_autoencoder(train_autoencoder_parser().parse_args(argv))
+    ae = res.pop("task").ae.eval()
+    report["autoencoder"] = {"preset": a["preset"], **res, **heldout_reconstruction(ae, out)}
+    phase("stage 1: autoencoder")
+
+    # 2. stage 2 ---------------------------------------------------------------------------------------
+    d = DENOISER_RUN
+    n = steps(d["steps"])
+    argv = ["train-diffusion", "--space", "latent", "--autoencoder", str(out / "autoencoder" / "model"),
+            "--data", "colored", "--conditioning", "text", "--denoiser", "unet", "--preset", d["preset"],
+            "--p-uncond", "0.1", "--steps", str(n), "--batch-size", str(d["batch"]), "--precision", "auto",
+            "--ema-decay", str(QUICK_EMA if quick else d["ema"]), "--max-minutes", str(minutes(d["minutes"])),
+            "--sample-every", str(0 if quick else max(1, n // 3)), "--ckpt-every", str(max(1, n // 6)),
+            "--sample-steps", str(ev["steps"]), "--out", str(out / "denoiser")]
+    print(f"\n== stage 2: {' '.join(argv)}")
+    parser = argparse.ArgumentParser(prog="python -m ldm_scratch train-diffusion")
+    add_train_diffusion(parser)
+    res = train_latent(parser.parse_args(argv[1:]))
+    report["denoiser"] = {"preset": d["preset"], **res}
+    phase("stage 2: latents + denoiser")
+
+    # 3. results ---------------------------------------------------------------------------------------
+    from ldm_scratch.adherence import prompt_adherence
+    from ldm_scratch.cli.stage3 import adherence_at, adherence_stats
+    from ldm_scratch.pipeline import LatentDiffusionPipeline
+    from ldm_scratch.train import save_image_grid
+    pipe = LatentDiffusionPipeline.from_pretrained(res["pipeline"])
+    k, w0 = ev["images_per_prompt"], 3.0
+    x = pipe(prompt=list(PROMPTS), num_images=k, num_inference_steps=ev["steps"], guidance_scale=w0,
+             generator=torch.Generator().manual_seed(0), output_type="tensor", precision="auto").images
+    save_image_grid(list(x.view(len(PROMPTS), k, *x.shape[1:])), out / "prompts.png",  # (P k, ...) -> P rows
+                    title=f"a row per prompt (report.md lists them); DDIM {ev['steps']} steps, guidance {w0:g}")
+    phase("prompt grid")
+    rec = reconstruction(pipe.autoencoder)
+    stats = adherence_stats(rec)  # fitted on reconstructions: the decoder renders every sample
+    captions, real = heldout_captions(ev["per_digit"])
+    report["ceiling"] = prompt_adherence(rec(real), captions, stats=stats)
+    report["sweep"] = [{"guidance_scale": w, **adherence_at(pipe, captions, w, stats, ev["steps"], 0, "auto")}
+                       for w in GUIDANCE]
+    plot_sweep(report["sweep"], report["ceiling"], out / "guidance_sweep.png")
+    phase("guidance sweep")
+    report["machine"] = machine_info(report["denoiser"].get("precision", "?"))
+    report["minutes_total"] = round(sum(report["phases"].values()) / 60, 2)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(render_report(report))
+    print((out / "report.md").read_text())
+    return report
+
+
+def heldout_reconstruction(ae: Any, out: Path) -> dict:
+    """PSNR/SSIM of 256 held-out coloured digits against the non-learned floor; a grid of ten of them."""
+    from ldm_scratch.cli.stage3 import reconstruction
+    from ldm_scratch.data import ColoredDigits
+    from ldm_scratch.metrics import psnr, ssim
+    from ldm_scratch.stage1 import floor_reconstruction, stack_images
+    from ldm_scratch.train import save_image_grid
+    x = stack_images(ColoredDigits("test"), 256)
+    x_rec, floor = reconstruction(ae)(x), floor_reconstruction(x, ae.cfg.f)
+    show = slice(None, None, len(x) // 10)  # spread over the split, which is sorted by digit
+    save_image_grid([x[show], x_rec[show], floor[show]], out / "autoencoder_heldout.png",
+                    title="held-out coloured digits: input / autoencoder / area+bicubic floor")
+    return {"heldout_psnr": psnr(x_rec, x), "heldout_ssim": ssim(x_rec, x),
+            "floor_psnr": psnr(floor, x), "floor_ssim": ssim(floor, x)}
+
+
+def plot_sweep(sweep: list[dict], ceiling: dict, path: Path) -> None:
+    """Adherence per attribute vs guidance scale, each with its ceiling as a dashed line of the same colour."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ws = [r["guidance_scale"] for r in sweep]
+    for key, color in (("digit_acc", "C0"), ("color_acc", "C1"), ("background_acc", "C2"), ("all_acc", "k")):
+        ax.plot(ws, [r[key] for r in sweep], "o-", color=color, label=key.replace("_acc", ""))
+        ax.axhline(ceiling[key], color=color, ls="--", lw=0.8)
+    ax.set(xlabel="guidance scale w", ylabel="share of samples right", ylim=(0, 1.02),
+           title="prompt adherence (dashed: autoencoder ceiling)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def render_report(r: dict) -> str:
+    m, a, d = r["machine"], r["autoencoder"], r["denoiser"]
+    pct = lambda v: f"{100 * v:.0f}%"  # noqa: E731
+    lines = ["# ldm_scratch demo: text-to-image latent diffusion on captioned coloured digits", "",
+             f"Machine: {m['cpu']} ({m['device']}{', ' + m['gpu'] if m['gpu'] else ''}), {m['threads']} threads, "
+             f"torch {m['torch']}{' (quick mode: barely trained)' if r['quick'] else ''}; "
+             f"{r['minutes_total']:.1f} minutes in all.", "",
+             "| phase | seconds |", "| --- | --- |", *[f"| {k} | {v:.0f} |" for k, v in r["phases"].items()], "",
+             f"Stage 1: {a['preset']}, {a['steps']} steps in {a['minutes']:.1f} min ({a.get('precision', '?')}), "
+             f"scale_factor {a.get('scale_factor', 0):.4f}; held-out PSNR {a['heldout_psnr']:.2f} dB, SSIM "
+             f"{a['heldout_ssim']:.3f} (area+bicubic floor {a['floor_psnr']:.2f} dB, {a['floor_ssim']:.3f}).",
+             f"Stage 2: {d['preset']} U-Net ({d['params'] / 1e6:.2f}M parameters) + text encoder, {d['steps']} "
+             f"steps in {d['minutes']:.1f} min ({d['precision']}), p_uncond 0.1.", "",
+             f"Prompt adherence of {r['ceiling']['n']} held-out captions (one sample each) against guidance; "
+             "the ceiling is the same captions' real images through the autoencoder:", "",
+             "| guidance | digit | colour | background | all three |", "| --- | --- | --- | --- | --- |",
+             *[f"| {s['guidance_scale']:g} | {pct(s['digit_acc'])} | {pct(s['color_acc'])} | "
+               f"{pct(s['background_acc'])} | {pct(s['all_acc'])} |" for s in r["sweep"]],
+             f"| ceiling | {pct(r['ceiling']['digit_acc'])} | {pct(r['ceiling']['color_acc'])} | "
+             f"{pct(r['ceiling']['background_acc'])} | {pct(r['ceiling']['all_acc'])} |", "",
+             "Files: `prompts.png` (a row per prompt: " + " | ".join(r["prompts"]) + "), `guidance_sweep.png`, "
+             "`autoencoder_heldout.png`, `denoiser/pipeline/` (load with LatentDiffusionPipeline.from_pretrained, "
+             "or `python -m ldm_scratch sample --model OUT/denoiser/pipeline --prompt \"a red 7 on grass\"`).", ""]
+    return "\n".join(lines)
+
+
+COMMANDS: dict[str, Command] = {
+    "demo": (add_demo, demo, "the main job: both stages on captioned coloured digits, text-to-image, report.md"),
+}

@@ -1,0 +1,262 @@
+"""Stage-3 commands: latent diffusion (Rombach et al. 2022, Sec. 3-4) from the command line.
+
+  train-diffusion --space latent   a U-Net or DiT denoiser on a frozen autoencoder's cached latents,
+                                   conditioned on a class, a caption or nothing -> OUT/pipeline/, OUT/eval.json
+  sample --model PIPELINE          a PNG grid from a saved pipeline: a row per prompt or class label
+The `train-diffusion` and `sample` parsers live in stage2.py (one command, two spaces); this file holds
+their latent halves, and demo.py chains stage 1 and them into the end-to-end demo.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ldm_scratch.cli.flags import NOT_FLAGS, add_config_flags, apply_flags
+from ldm_scratch.config import (DIT_PRESETS, UNET_PRESETS, DiffusionConfig, DiTConfig, TextEncoderConfig,
+                                UNetConfig, get_preset)
+
+LATENT_DATA = ("mnist5k", "colored")
+CONDITIONINGS = ("class", "text", "none")
+DENOISER_KINDS = ("unet", "dit")
+DEFAULT_PRESETS = {"unet": "tiny-latent", "dit": "dit-tiny"}   # what --preset means when not given
+# The rows of a text model's training grids: each attribute (digit, colour, background) varies across them.
+GRID_PROMPTS = ("a red 7 on grass", "a blue 1 on plain", "a green 3 on brick", "a yellow 0 on gravel")
+# Fields only one denoiser has; the shared ones (num_heads, num_classes, context_dim) mean the same in both
+# (DiTConfig's docstring), so one flag serves whichever --denoiser is built.
+UNET_ONLY = {f.name for f in dataclasses.fields(UNetConfig)} - {f.name for f in dataclasses.fields(DiTConfig)} - NOT_FLAGS
+DIT_ONLY = {f.name for f in dataclasses.fields(DiTConfig)} - {f.name for f in dataclasses.fields(UNetConfig)} - NOT_FLAGS
+
+
+# ----------------------------------------------------------------------------- flags
+def add_latent_arguments(p: argparse.ArgumentParser) -> None:
+    """train-diffusion's latent-space flags (the parser itself is stage2.add_train_diffusion)."""
+    p.add_argument("--autoencoder", default=None, help="--space latent: a trained AutoencoderKL folder (OUT/model)")
+    p.add_argument("--conditioning", choices=CONDITIONINGS, default=None,
+                   help="--space latent: class labels, captions (--data colored) or none (default class)")
+    p.add_argument("--denoiser", choices=DENOISER_KINDS, default="unet", help="--space latent: U-Net or DiT")
+    # DiTConfig's own fields, generated like every config's: a dataclass of just those fields, so argparse
+    # never sees --num-heads twice (add_config_flags makes one flag per field of the class it is given).
+    only = dataclasses.make_dataclass("DiTConfig", [(f.name, f.type, dataclasses.field(default=f.default))
+                                                    for f in dataclasses.fields(DiTConfig) if f.name in DIT_ONLY])
+    add_config_flags(p, only)
+
+
+def check_denoiser_flags(args: argparse.Namespace, kind: str) -> None:
+    """A flag of the other denoiser is an error, not silently ignored: --hidden-size means nothing to a U-Net."""
+    foreign = UNET_ONLY if kind == "dit" else DIT_ONLY
+    given = sorted("--" + name.replace("_", "-") for name in foreign if getattr(args, name, None) is not None)
+    if given:
+        other = "unet" if kind == "dit" else "dit"
+        raise ValueError(f"{', '.join(given)} {'is a flag' if len(given) == 1 else 'are flags'} of the "
+                         f"{other!r} denoiser; add --denoiser {other} or drop {'it' if len(given) == 1 else 'them'}")
+
+
+# ----------------------------------------------------------------------------- data and evaluation helpers
+def latent_training_set(name: str) -> tuple[Tensor, Tensor, list[str] | None]:
+    """The train split of --data as (images (N, C, 32, 32), labels (N,), captions or None)."""
+    from ldm_scratch import data
+    if name == "mnist5k":
+        d = data.MNIST5k("train", pad_to=data.ColoredDigits.SIZE)
+        return d.images, d.labels, None
+    if name == "colored":
+        d = data.ColoredDigits("train")
+        return d.images, d.labels, d.captions
+    raise ValueError(f"unknown latent data {name!r}; valid: {', '.join(LATENT_DATA)}")
+
+
+def reconstruction(ae: Any, precision: str = "auto", batch_size: int = 256) -> Callable[[Tensor], Tensor]:
+    """x -> decode(mode(encode(x))) in [-1, 1], batched: what the autoencoder can render of real images."""
+    from ldm_scratch.device import autocast
+    device = next(ae.parameters()).device
+
+    @torch.no_grad()
+    def rec(x: Tensor) -> Tensor:
+        out = []
+        for xb in x.split(batch_size):
+            with autocast(device, precision):
+                out.append(ae.decode(ae.encode(xb.to(device)).mode()).float().clamp(-1, 1).cpu())
+        return torch.cat(out)  # (N, C, H, W) -> (N, C, H, W)
+    return rec
+
+
+def adherence_stats(rec: Callable[[Tensor], Tensor]) -> Any:
+    """adherence.fit_adherence on the autoencoder's reconstructions: its decoder renders every sample scored,
+    so its blur belongs in the statistics. A decoder that saturates a background pixel to full brightness
+    (an untrained one does) leaves no ink scale (ink_floor = 1); the real images' statistics stand in then."""
+    from ldm_scratch.adherence import fit_adherence
+    stats = fit_adherence(transform=rec)
+    if stats.ink_floor >= 1.0:
+        print("adherence: the autoencoder's reconstructions reach full brightness on background pixels "
+              "(untrained?); scoring with the statistics of the real images instead")
+        return fit_adherence()
+    return stats
+
+
+def heldout_captions(k: int) -> tuple[list[str], Tensor]:
+    """k held-out captions per digit (10 k) and their real images (10 k, 3, 32, 32): the prompts scored."""
+    from ldm_scratch.data import N_CLASSES, ColoredDigits
+    d = ColoredDigits("test")
+    idx = torch.cat([torch.nonzero(d.labels == c).flatten()[:k] for c in range(N_CLASSES)])
+    return [d.captions[i] for i in idx.tolist()], d.images[idx]
+
+
+def adherence_at(pipe: Any, captions: list[str], w: float, stats: Any, steps: int, seed: int,
+                 precision: str) -> dict:
+    """Prompt adherence (adherence.py) of one sample per caption at guidance w."""
+    from ldm_scratch.adherence import prompt_adherence
+    x = pipe(prompt=captions, num_inference_steps=steps, guidance_scale=w, output_type="tensor",
+             generator=torch.Generator(pipe.device).manual_seed(seed), precision=precision).images
+    return prompt_adherence(x.cpu(), captions, stats=stats)
+
+
+def evaluate_pipeline(pipe: Any, k: int, steps: int, w: float, seed: int = 0, precision: str = "auto") -> dict:
+    """Score a trained pipeline at guidance w: class -> conditional accuracy and classifier-FID beside its
+    real-vs-real floor (stage2.score_digits); text -> prompt adherence on 10 k held-out captions beside the
+    ceiling (the same captions' real images through this autoencoder). Both read the decoded samples."""
+    from ldm_scratch.adherence import ink_map, prompt_adherence
+    from ldm_scratch.stage2 import eval_labels, score_digits
+    rec = reconstruction(pipe.autoencoder)  # "auto" (bf16 on CPU): the conv autoencoder's fast path
+    stats = adherence_stats(rec) if pipe.autoencoder.cfg.in_channels == 3 else None
+    if pipe.conditioning == "class":
+        labels = eval_labels(k)
+        x = pipe(class_labels=labels, num_inference_steps=steps, guidance_scale=w, output_type="tensor",
+                 generator=torch.Generator(pipe.device).manual_seed(seed), precision=precision).images.cpu()
+        if x.shape[1] == 3:  # coloured digits: the classifier reads the ink map (adherence.py), FID included
+            x = ink_map((x + 1) / 2, stats.ink_floor) * 2 - 1  # (N, 3, 32, 32) -> (N, 1, 32, 32)
+        return {"guidance_scale": w, "steps": steps, **score_digits(x, labels)}
+    if pipe.conditioning == "text":
+        captions, real = heldout_captions(k)
+        return {"guidance_scale": w, "steps": steps,
+                "adherence": adherence_at(pipe, captions, w, stats, steps, seed, precision),
+                "ceiling": prompt_adherence(rec(real), captions, stats=stats)}
+    return {"note": "unconditional: nothing to score against (see samples/final.png)"}
+
+
+# ----------------------------------------------------------------------------- train-diffusion --space latent
+def denoiser_config(args: argparse.Namespace, kind: str, conditioning: str, latent: tuple[int, int],
+                    num_classes: int) -> UNetConfig | DiTConfig:
+    """The preset with the flags applied; the latent decides channels and size, --conditioning the rest."""
+    name = args.preset or DEFAULT_PRESETS[kind]
+    table = UNET_PRESETS if kind == "unet" else DIT_PRESETS
+    if name not in table:
+        raise ValueError(f"--preset {name} is not a {kind!r} preset; valid: {', '.join(sorted(table))}")
+    if args.num_classes is not None:
+        raise ValueError("--num-classes is set by --conditioning in latent space (class: the data's classes)")
+    cfg = apply_flags(get_preset(table, name, kind), args)
+    c, s = latent
+    text_dim = cfg.context_dim or TextEncoderConfig().dim  # the text encoder's width D is the context width
+    cond = dict(num_classes=num_classes if conditioning == "class" else 0,
+                context_dim=text_dim if conditioning == "text" else 0)
+    if kind == "unet":
+        return dataclasses.replace(cfg, in_channels=c, out_channels=c, sample_size=s, **cond)
+    # L_simple trains eps alone: the paper presets' learned variance (learn_sigma) would be an unused half
+    return dataclasses.replace(cfg, in_channels=c, sample_size=s, learn_sigma=False, **cond)
+
+
+def train_latent(args: argparse.Namespace) -> dict:
+    """Encode --data once (OUT/latents.pt), train the denoiser on the latents, save OUT/pipeline/ and, with
+    --eval-per-class K > 0, score it (OUT/eval.json). Returns a summary."""
+    from ldm_scratch.autoencoder import AutoencoderKL
+    from ldm_scratch.stage2 import diffusion_train_config
+    from ldm_scratch.stage3 import LatentDiffusionTask, latent_dataset
+    from ldm_scratch.text import Tokenizer
+    from ldm_scratch.train import Trainer
+    if not args.autoencoder:
+        raise ValueError("--space latent (stage 3) needs --autoencoder DIR (a folder written by train-autoencoder: "
+                         "OUT/model)")
+    if args.data not in LATENT_DATA:
+        raise ValueError(f"--space latent trains on {', '.join(LATENT_DATA)}; got --data {args.data}")
+    kind, conditioning = args.denoiser, args.conditioning or "class"
+    check_denoiser_flags(args, kind)
+    train_cfg = apply_flags(diffusion_train_config(), args)
+    ae = AutoencoderKL.from_pretrained(args.autoencoder)
+    images, labels, captions = latent_training_set(args.data)
+    if images.shape[1] != ae.cfg.in_channels:
+        raise ValueError(f"--data {args.data} has {images.shape[1]}-channel images but the autoencoder "
+                         f"{args.autoencoder} takes {ae.cfg.in_channels}")
+    if conditioning == "text" and captions is None:
+        raise ValueError(f"--conditioning text needs captions: --data colored (got --data {args.data})")
+    latent = (ae.cfg.z_channels, images.shape[-1] // ae.cfg.f)
+    cfg = denoiser_config(args, kind, conditioning, latent, int(labels.max()) + 1)
+    tokenizer = Tokenizer.from_captions(captions) if conditioning == "text" else None
+    text_cfg = TextEncoderConfig(vocab_size=tokenizer.vocab_size, max_length=tokenizer.max_length,
+                                 dim=cfg.context_dim) if tokenizer else None
+    out = Path(args.out)
+    # Encoded once, cached under OUT: the id names what was encoded, the file records by which autoencoder.
+    # Encoding runs at precision "auto" whatever --precision says: bf16 convolutions encode 3.5x faster than
+    # fp32 on this CPU (4,500 small-f4 images: 10 s vs 35 s on one busy core).
+    data = latent_dataset(ae, images, labels=labels if conditioning == "class" else None,
+                          captions=captions if conditioning == "text" else None, tokenizer=tokenizer,
+                          cache_file=out / "latents.pt", ae_folder=args.autoencoder,
+                          dataset_id=f"{args.data}-train-{len(images)}")
+    torch.manual_seed(train_cfg.seed)  # the initial weights, too, follow from --seed
+    task = LatentDiffusionTask(ae, kind, cfg, apply_flags(DiffusionConfig(), args), conditioning,
+                               tokenizer=tokenizer, text_cfg=text_cfg, p_uncond=args.p_uncond, seed=train_cfg.seed,
+                               guidance_scale=args.guidance_scale, precision=train_cfg.precision,
+                               sample_steps=args.sample_steps, grid_prompts=list(GRID_PROMPTS),
+                               ae_folder=args.autoencoder)
+    trainer = Trainer(task, train_cfg, data, out)
+    start = time.time()
+    trainer.fit(resume=args.resume)
+    summary: dict[str, Any] = {"steps": trainer.step, "minutes": (time.time() - start) / 60,
+                               "precision": trainer.precision, "params": task.denoiser.num_params(),
+                               "denoiser": kind, "preset": args.preset or DEFAULT_PRESETS[kind],
+                               "conditioning": conditioning, "data": args.data, "stopped": trainer.stopped}
+    if trainer.stopped == "interrupted" or not trainer.is_main:
+        return summary
+    folder = task.finish(out, trainer.ema, step=trainer.step)
+    summary["pipeline"] = str(folder)
+    print(f"saved {folder} ({'EMA' if trainer.ema else 'raw'} weights) after {trainer.step} steps "
+          f"({summary['minutes']:.1f} min); grid: {out / 'samples' / 'final.png'}")
+    if args.eval_per_class > 0:
+        from ldm_scratch.pipeline import LatentDiffusionPipeline
+        pipe = LatentDiffusionPipeline.from_pretrained(folder, trainer.device)  # exactly what was saved
+        res = evaluate_pipeline(pipe, args.eval_per_class, args.sample_steps, args.guidance_scale,
+                                seed=train_cfg.seed, precision=trainer.precision)
+        print("evaluation:", json.dumps(res))
+        summary["eval"] = res
+        (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+# ----------------------------------------------------------------------------- sample (a pipeline folder)
+def is_pipeline(folder: str | Path) -> bool:
+    return (Path(folder) / "model_index.json").is_file()
+
+
+def sample_pipeline(args: argparse.Namespace) -> Path:
+    """A grid from a pipeline folder: a row of --num-images per prompt or class label (or per class, or one
+    unconditional row). Every mismatch (a prompt to a class model, an unknown word) is the pipeline's ValueError."""
+    from ldm_scratch.checkpoint import read_json
+    from ldm_scratch.device import default_device
+    from ldm_scratch.pipeline import LatentDiffusionPipeline
+    from ldm_scratch.train import save_image_grid
+    pipe = LatentDiffusionPipeline.from_pretrained(args.model, default_device())
+    extra = read_json(Path(args.model) / "model_index.json").get("extra", {})
+    k = args.num_images or 8
+    kw: dict[str, Any] = {}
+    if args.prompt is not None:
+        kw, what = {"prompt": list(args.prompt)}, "rows: " + " | ".join(args.prompt)
+    elif args.class_labels is not None:
+        kw, what = {"class_labels": list(args.class_labels)}, f"rows: classes {args.class_labels}"
+    elif pipe.conditioning == "class":
+        kw, what = {"class_labels": list(range(pipe.denoiser.cfg.num_classes))}, "one row per class"
+    else:
+        what = "unconditional"
+    rows = len(next(iter(kw.values()))) if kw else 1
+    w = extra.get("guidance_scale", 3.0) if args.guidance_scale is None else args.guidance_scale
+    x = pipe(**kw, num_images=k, num_inference_steps=args.steps, guidance_scale=w, sampler=args.sampler,
+             eta=args.eta, generator=torch.Generator(pipe.device).manual_seed(args.seed), output_type="tensor",
+             precision=args.precision, progress=True).images
+    steps = pipe.diffusion.T if args.sampler == "ddpm" else args.steps
+    save_image_grid(list(x.view(rows, k, *x.shape[1:])), args.out,  # (R k, C, H, W) -> R x (k, C, H, W)
+                    title=f"{what}; {args.sampler} {steps} steps, guidance {w:g}, seed {args.seed}")
+    print(f"wrote {args.out}")
+    return Path(args.out)
