@@ -88,7 +88,9 @@ def ink_map(x01: torch.Tensor, ink_floor: float) -> torch.Tensor:
     the ink, so we use g = ink_floor, the brightest a background ever gets: no background pixel
     survives as ink, and full ink (m = 1) stays 1; only faint stroke edges over dark texture are lost.
     """
-    return ((brightness(x01) - ink_floor) / (1 - ink_floor)).clamp(0, 1)
+    # A floor of 1 (a transform that brightens every background pixel to white, e.g. an untrained
+    # autoencoder) leaves no room for ink: keep the denominator one 8-bit grey level wide, not 0 (NaN).
+    return ((brightness(x01) - ink_floor) / max(1 - ink_floor, 1 / 255)).clamp(0, 1)
 
 
 def background_features(x01: torch.Tensor, ink_floor: float) -> torch.Tensor:
