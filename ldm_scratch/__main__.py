@@ -12,12 +12,14 @@ They are written in ldm_scratch/cli/, one file per stage, each with its own COMM
                      latents; class, text or no conditioning) -> OUT/pipeline/
   sample             a PNG grid from a pipeline (prompts, class labels) or a pixel model (DDIM or DDPM, CFG)
   demo               the main job: both stages on captioned coloured digits, text-to-image, report.md/json
+  bench              speed: ours vs diffusers, fp32/bf16/channels_last levers, CFG sampling, latent vs pixel
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+from ldm_scratch import bench
 from ldm_scratch.cli import Command, demo, stage1, stage2
 # Re-exported: tests and benchmarks import these from here.
 from ldm_scratch.cli.flags import add_config_flags, apply_flags  # noqa: F401
@@ -25,7 +27,9 @@ from ldm_scratch.cli.stage1 import machine_info  # noqa: F401
 from ldm_scratch.train import NonFiniteLossError, TrainingInterrupted
 
 # Every stage's table, in the order `--help` lists them.
-COMMANDS: dict[str, Command] = {**stage1.COMMANDS, **stage2.COMMANDS, **demo.COMMANDS}
+COMMANDS: dict[str, Command] = {**stage1.COMMANDS, **stage2.COMMANDS, **demo.COMMANDS,
+                                "bench": (bench.add_arguments, bench.run, "benchmark tables (bench.md/json): "
+                                          "ours vs diffusers, speed levers, sampling, latent vs pixel")}
 
 
 def build_parser() -> argparse.ArgumentParser:
