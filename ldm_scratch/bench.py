@@ -116,7 +116,7 @@ def peak_mib(pair: str, side: str, quick: bool, device: torch.device) -> tuple[f
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        fwd_bwd(cases.PAIRS[pair](quick, device)[side])
+        fwd_bwd(cases.PAIRS[pair](quick, device, with_reference=side == "diffusers")[side])
         return (torch.cuda.max_memory_allocated() - base) / MiB, "cuda max_memory_allocated"
     code = (f"import torch; torch.set_num_threads({torch.get_num_threads()}); "
             f"from ldm_scratch.bench import _child_peak; _child_peak({pair!r}, {side!r}, {quick})")
@@ -132,7 +132,7 @@ def _child_peak(pair: str, side: str, quick: bool) -> None:
     """Print the MiB the resident set rises above its pre-step size during one forward+backward. The peak
     (VmHWM) is reset first by writing 5 to /proc/self/clear_refs (Linux >= 4.0), so the high-water mark
     of imports and model building does not hide the step's; ru_maxrss is the fallback."""
-    case = cases.PAIRS[pair](quick, torch.device("cpu"))[side]
+    case = cases.PAIRS[pair](quick, torch.device("cpu"), with_reference=side == "diffusers")[side]
 
     def status_kib(field: str) -> int:
         return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field))

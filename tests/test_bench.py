@@ -29,6 +29,7 @@ def test_quick_run_writes_every_section(quick_run):
 
 
 def test_compare_rows_have_ours_diffusers_and_ratios(quick_run):
+    pytest.importorskip("diffusers")  # an optional dependency: without it the column is skipped (tested below)
     rows = quick_run[1]["sections"]["compare"]["rows"]
     assert len(rows) == 4  # AE, class U-Net, cross-attention U-Net, DiT (quick: one autoencoder)
     for row in rows:

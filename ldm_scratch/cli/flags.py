@@ -53,9 +53,19 @@ def apply_flags(cfg: Any, args: argparse.Namespace) -> Any:
 # ----------------------------------------------------------------------------- data
 def build_data(name: str, image_size: int | None, seed: int,
                data_dir: str | None = None) -> torch.utils.data.Dataset:
+    """The training images of --data: mnist5k (1 x 32 x 32 digits), colored (3 x 32 x 32 captioned
+    coloured digits), photos (random 3 x S x S crops) or folder (the user's own images)."""
     from ldm_scratch import data
     if name == "mnist5k":
         return data.MNIST5k("train", pad_to=image_size or 32)
+    if name == "colored":
+        # 3 x 32 x 32 tinted digits over textures. Items are (x, label, caption): the stage-1 task reads
+        # only batch[0] (stage1.images_of), like mnist5k's (x, label). The dataset's own seed stays 0,
+        # the one stage 3 and adherence.fit_adherence use, so --seed changes the training, not the data.
+        if image_size not in (None, data.ColoredDigits.SIZE):
+            raise ValueError(f"--data colored is {data.ColoredDigits.SIZE} x {data.ColoredDigits.SIZE}; "
+                             f"got --image-size {image_size}")
+        return data.ColoredDigits("train")
     if name == "photos":
         return data.PhotoCrops(size=image_size or 64, length=PHOTO_CROPS, seed=seed)
     if name == "folder":
@@ -66,4 +76,4 @@ def build_data(name: str, image_size: int | None, seed: int,
     raise ValueError(f"unknown data {name!r}; valid: {', '.join(DATASETS)}")
 
 
-DATASETS = ("mnist5k", "photos", "folder")
+DATASETS = ("mnist5k", "colored", "photos", "folder")
