@@ -76,6 +76,9 @@ class ResnetBlock(nn.Module):
 # large maps (e.g. SD's 64 x 64 = 4096 positions) keep the fused kernel. Set False to always fuse.
 CPU_BF16_PLAIN_ATTENTION = True
 PLAIN_ATTENTION_MAX_PAIRS = 1024 * 1024
+# True: every call takes the plain matmuls. metrics.count_flops sets it while counting, because
+# torch's FLOP counter has no formula for the CPU fused kernel and would count attention as 0.
+PLAIN_ATTENTION_EVERYWHERE = False
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
@@ -87,7 +90,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     plain: None chooses as above; True / False force the plain matmuls / the fused kernel (tests, bench).
     """
     if plain is None:
-        plain = (CPU_BF16_PLAIN_ATTENTION and q.device.type == "cpu" and q.dtype == torch.bfloat16
+        plain = PLAIN_ATTENTION_EVERYWHERE or (CPU_BF16_PLAIN_ATTENTION and q.device.type == "cpu" and q.dtype == torch.bfloat16
                  and q.shape[-2] * k.shape[-2] <= PLAIN_ATTENTION_MAX_PAIRS)
     if not plain:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -257,6 +257,13 @@ def count_flops(model: nn.Module, *inputs: torch.Tensor) -> int:
     and counts only the matmul/convolution/attention ops it knows: norms and activations are left
     out, as in most papers' GFLOP tables (some of which count multiply-adds as 1: halve to compare).
     """
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(*inputs)
+    from ldm_scratch import layers
+    # Attention as two visible matmuls: the counter has no formula for the CPU fused kernel (it would
+    # count 0); the plain path's count equals the fused kernel's formula (2 N M d each for QK^T and AV).
+    before, layers.PLAIN_ATTENTION_EVERYWHERE = layers.PLAIN_ATTENTION_EVERYWHERE, True
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(*inputs)
+    finally:
+        layers.PLAIN_ATTENTION_EVERYWHERE = before
     return int(counter.get_total_flops())

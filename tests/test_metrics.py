@@ -164,6 +164,18 @@ def test_classifier_features_shape(classifier):
 # ----------------------------------------------------------------------------- FLOPs and bad input
 
 
+def test_count_flops_includes_attention_on_cpu():
+    """The CPU fused attention kernel has no FLOP formula; count_flops must still count QK^T and AV."""
+    from ldm_scratch import layers
+    B, C, H, W = 2, 8, 4, 4
+    attn = layers.SelfAttention2d(C, num_heads=2, groups=4)
+    N = H * W
+    linears = 4 * 2 * B * N * C * C            # q, k, v, proj_out: (B N, C) @ (C, C)
+    scores_and_mix = 2 * (2 * B * N * N * C)   # QK^T and AV, summed over heads: 2 N N d per head
+    assert count_flops(attn, torch.randn(B, C, H, W)) == linears + scores_and_mix
+    assert not layers.PLAIN_ATTENTION_EVERYWHERE  # restored
+
+
 def test_count_flops_linear():
     # FlopCounterMode counts a multiply-add as 2 FLOPs: (3, 10) @ (10, 20) = 2 * 3 * 10 * 20.
     assert count_flops(nn.Linear(10, 20), torch.randn(3, 10)) == 2 * 3 * 10 * 20
