@@ -24,7 +24,7 @@ def add_train_autoencoder(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(AUTOENCODER_PRESETS), default="tiny")
     p.add_argument("--data", choices=DATASETS, default="mnist5k")
     p.add_argument("--data-dir", default=None, help="with --data folder: your folder of PNG/JPEG images")
-    p.add_argument("--image-size", type=int, default=None, help="crop size (photos, folder) or padded size (mnist5k)")
+    p.add_argument("--image-size", type=int, default=None, help="crop size (photos, folder) or padded size (mnist5k); colored is 32 only")
     p.add_argument("--out", default="runs/autoencoder", help="run folder: checkpoint, logs, grids, model/")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     for cls in (AutoencoderConfig, LossConfig, TrainConfig):
