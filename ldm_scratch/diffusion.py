@@ -21,7 +21,7 @@ from typing import Callable, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: a saved notebook keeps their last state (a widget shows 0%)
 
 from .config import DiffusionConfig
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: a saved notebook keeps their last state (a widget shows 0%)
 
 from ldm_scratch.autoencoder import AutoencoderKL
 from ldm_scratch.checkpoint import CheckpointError, atomic_torch_save, safe_torch_load

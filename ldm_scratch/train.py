@@ -38,12 +38,14 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: a saved notebook keeps their last state (a widget shows 0%)
 
 from ldm_scratch.checkpoint import (CheckpointError, atomic_torch_save, atomic_write_bytes, check_state_dict,
                                     remove_stale_temp_files, rng_state, safe_torch_load, set_rng_state)
 from ldm_scratch.config import TrainConfig, config_to_dict
 from ldm_scratch.device import autocast, default_device, resolve_precision
+from ldm_scratch.ema import EMA
+from ldm_scratch.figures import plot_history, save_image_grid  # noqa: F401 (re-exported: stages import it from here)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -85,88 +87,12 @@ class _DeferredSigint:
             signal.signal(signal.SIGINT, self.previous)
 
 
-class EMA:
-    """Exponential moving average of a module's weights (Polyak averaging, as in DDPM/LDM):
-
-        theta_ema <- decay * theta_ema + (1 - decay) * theta
-
-    Integer buffers (counters) are copied, not averaged. Sampling uses the averaged weights.
-    """
-
-    def __init__(self, module: nn.Module, decay: float):
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        self.decay = decay
-        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
-        for k, v in module.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].lerp_(v.detach(), 1.0 - self.decay)  # ema + (1 - decay) (theta - ema)
-            else:
-                self.shadow[k].copy_(v)
-
-    @torch.no_grad()
-    def swap(self, module: nn.Module) -> None:
-        """Exchange the module's weights with the averaged ones (call twice to undo)."""
-        for k, v in module.state_dict().items():
-            tmp = v.detach().clone()
-            v.copy_(self.shadow[k])
-            self.shadow[k].copy_(tmp)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self.shadow)
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for k, v in state.items():
-            self.shadow[k].copy_(v)
-
-
 def _to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to(b, device) for b in batch)
     return batch
-
-
-def save_image_grid(rows: list[torch.Tensor], path: str | os.PathLike, title: str = "") -> None:
-    """Save rows of images (each (B, C, H, W) in [-1, 1]) as one PNG grid, one tensor per row."""
-    from matplotlib.figure import Figure  # no pyplot: leaves a notebook's backend alone
-    n = max(r.shape[0] for r in rows)
-    fig = Figure(figsize=(1.2 * n, 1.2 * len(rows) + 0.4))
-    axes = fig.subplots(len(rows), n, squeeze=False)
-    for i, row in enumerate(rows):
-        imgs = ((row.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)  # (B,C,H,W) -> (B,H,W,C)
-        for j in range(n):
-            ax = axes[i][j]
-            ax.axis("off")
-            if j < imgs.shape[0]:
-                img = imgs[j].numpy()
-                ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-
-
-def plot_history(history: list[dict], path: str | os.PathLike, keys: list[str] | None = None) -> None:
-    """One small panel per logged quantity (default: all) against the step: the loss-curve PNG."""
-    from matplotlib.figure import Figure
-    keys = keys or sorted({k for h in history for k in h if k != "step"})
-    cols = min(4, len(keys))
-    if not history or not cols:
-        return
-    rows = math.ceil(len(keys) / cols)
-    fig = Figure(figsize=(3.2 * cols, 2.4 * rows), layout="constrained")
-    for ax, key in zip(fig.subplots(rows, cols, squeeze=False).flat, keys):
-        steps, values = zip(*[(h["step"], h[key]) for h in history if key in h] or [(0, 0.0)])
-        ax.plot(steps, values, lw=0.8)
-        ax.set_title(key, fontsize=9)
-        ax.tick_params(labelsize=7)
-    fig.savefig(path, dpi=80)
 
 
 class Trainer:
