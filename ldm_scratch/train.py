@@ -303,7 +303,8 @@ class Trainer:
         for m in self.task.modules().values():
             m.train()
         keys = getattr(self.task, "postfix_keys", None)
-        bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not self.is_main, desc="train", dynamic_ncols=True)
+        bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not self.is_main, desc="train", dynamic_ncols=True,
+                   mininterval=1.0)  # a saved notebook keeps every refresh: one a second, not ten
         start, batches, saved_at = time.time(), self._batches(), None
         anomaly = torch.autograd.set_detect_anomaly(True) if self.cfg.detect_anomaly else contextlib.nullcontext()
         with _DeferredSigint() as interrupt, anomaly:
