@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .denoiser_inputs import check_cond, check_t
 from .config import DiTConfig
 from .layers import attention, timestep_embedding
 
@@ -245,8 +246,8 @@ class DiT(nn.Module):
         """x: (B, C, H, W) noised latent; t: (B,) timesteps (or one for all); cond: labels (B,) int64,
         None, context (B, M, D_ctx) or (context, mask). Returns eps_pred (B, C_out, H, W)."""
         self._check_x(x)
-        t = self._check_t(x, t)
-        labels, context, mask = self._check_cond(x, cond)
+        t = check_t(x, t)
+        labels, context, mask = check_cond(x, cond, self.cfg.num_classes, self.cfg.context_dim, "DiT", "M")
         mode, P = self.cfg.cond_mode, self.cfg.patch_size
         h, w = x.shape[-2] // P, x.shape[-1] // P
 
@@ -306,51 +307,3 @@ class DiT(nn.Module):
         if x.shape[1] != self.cfg.in_channels:
             raise ValueError(f"x has {x.shape[1]} channels, this DiT expects in_channels={self.cfg.in_channels}")
         self._check_size(*x.shape[-2:])
-
-    def _check_t(self, x: torch.Tensor, t: torch.Tensor | int | float) -> torch.Tensor:
-        B = x.shape[0]
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(B)  # one timestep for the whole batch
-        if t.ndim != 1 or t.shape[0] != B:
-            raise ValueError(f"t must be a scalar or have shape (B,) = ({B},), got shape {tuple(t.shape)}")
-        return t
-
-    def _check_cond(self, x: torch.Tensor, cond) -> tuple[torch.Tensor | None, torch.Tensor | None,
-                                                          torch.Tensor | None]:
-        """-> (labels or None, context or None, mask or None), validated against the config."""
-        B, cfg = x.shape[0], self.cfg
-        if not cfg.num_classes and not cfg.context_dim:
-            if cond is not None:
-                raise ValueError("this DiT is unconditional (num_classes=0, context_dim=0) but cond was given")
-            return None, None, None
-        if cfg.num_classes:
-            if cond is None:  # no label = the null class: the unconditional half of classifier-free guidance
-                return torch.full((B,), self.null_class, dtype=torch.long, device=x.device), None, None
-            if not isinstance(cond, torch.Tensor) or cond.dtype not in (torch.int64, torch.int32):
-                raise ValueError(f"a class-conditional DiT expects cond = integer labels (B,), got "
-                                 f"{cond.dtype if isinstance(cond, torch.Tensor) else type(cond).__name__}")
-            if cond.shape != (B,):
-                raise ValueError(f"labels must have shape (B,) = ({B},), got {tuple(cond.shape)}")
-            if cond.numel() and (cond.min() < 0 or cond.max() > cfg.num_classes):
-                raise ValueError(f"labels must be in [0, {cfg.num_classes}] ({cfg.num_classes} = null class), "
-                                 f"got min {int(cond.min())}, max {int(cond.max())}")
-            return cond.long(), None, None
-        if cond is None:  # a context model's null is the encoded empty prompt, which only the caller has
-            raise ValueError(f"this DiT is conditioned on a context (B, M, {cfg.context_dim}); cond=None given. "
-                             "For classifier-free guidance pass the encoded empty prompt.")
-        context, mask = cond if isinstance(cond, (tuple, list)) else (cond, None)
-        if not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[-1] != cfg.context_dim:
-            shape = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
-            raise ValueError(f"context must have shape (B, M, {cfg.context_dim}), got {shape}")
-        if context.shape[0] != B:
-            raise ValueError(f"context batch size {context.shape[0]} != x batch size {B}")
-        if mask is not None:
-            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != context.shape[:2]:
-                got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
-                raise ValueError(f"mask must be bool of shape (B, M) = {tuple(context.shape[:2])}, got {got}")
-            if not mask.any(dim=1).all():
-                raise ValueError("every mask row needs at least one True (real) token; "
-                                 "an all-padding row leaves nothing to attend to or average")
-        return None, context, mask
-

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .denoiser_inputs import check_cond, check_t
 from .config import UNetConfig
 from .layers import Downsample, Normalize, ResnetBlock, SelfAttention2d, Upsample, attention, timestep_embedding
 
@@ -181,8 +182,8 @@ class UNet(nn.Module):
         """x: (B, C, H, W) noised input; t: (B,) timesteps (or one for all); cond: labels (B,) int64,
         or context (B, N, D) or (context, mask). Returns eps_pred (B, C, H, W)."""
         self._check_x(x)
-        t = self._check_t(x, t)
-        labels, context, mask = self._check_cond(x, cond)
+        t = check_t(x, t)
+        labels, context, mask = check_cond(x, cond, self.cfg.num_classes, self.cfg.context_dim, "UNet", "N")
 
         temb = self.time_embed(timestep_embedding(t, self.cfg.ch))  # (B,) -> (B, ch) -> (B, 4 ch)
         if labels is not None:
@@ -232,51 +233,3 @@ class UNet(nn.Module):
             ok = (-(-H // f) * f, -(-W // f) * f)  # round up to the next multiple of f
             raise ValueError(f"H and W must be divisible by {f} (= 2 ** (len(ch_mult) - 1), one halving per "
                              f"level after the first); got {H}x{W}, e.g. pad to {ok[0]}x{ok[1]}")
-
-    def _check_t(self, x: torch.Tensor, t: torch.Tensor | int | float) -> torch.Tensor:
-        B = x.shape[0]
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(B)  # one timestep for the whole batch
-        if t.ndim != 1 or t.shape[0] != B:
-            raise ValueError(f"t must be a scalar or have shape (B,) = ({B},), got shape {tuple(t.shape)}")
-        return t
-
-    def _check_cond(self, x: torch.Tensor, cond) -> tuple[torch.Tensor | None, torch.Tensor | None,
-                                                          torch.Tensor | None]:
-        """-> (labels or None, context or None, mask or None), validated against the config."""
-        B, cfg = x.shape[0], self.cfg
-        if not cfg.num_classes and not cfg.context_dim:
-            if cond is not None:
-                raise ValueError("this UNet is unconditional (num_classes=0, context_dim=0) but cond was given")
-            return None, None, None
-        if cfg.num_classes:
-            if cond is None:  # no label = the null class: the unconditional half of classifier-free guidance
-                return torch.full((B,), self.null_class, dtype=torch.long, device=x.device), None, None
-            if not isinstance(cond, torch.Tensor) or cond.dtype not in (torch.int64, torch.int32):
-                raise ValueError(f"a class-conditional UNet expects cond = integer labels (B,), got "
-                                 f"{cond.dtype if isinstance(cond, torch.Tensor) else type(cond).__name__}")
-            if cond.shape != (B,):
-                raise ValueError(f"labels must have shape (B,) = ({B},), got {tuple(cond.shape)}")
-            if cond.numel() and (cond.min() < 0 or cond.max() > cfg.num_classes):
-                raise ValueError(f"labels must be in [0, {cfg.num_classes}] ({cfg.num_classes} = null class), "
-                                 f"got min {int(cond.min())}, max {int(cond.max())}")
-            return cond.long(), None, None
-        # Cross-attention conditioning: the context is required (its "empty prompt" is the null for CFG).
-        if cond is None:
-            raise ValueError(f"this UNet cross-attends to a context (B, N, {cfg.context_dim}); cond=None given. "
-                             "For classifier-free guidance pass the encoded empty prompt.")
-        context, mask = cond if isinstance(cond, (tuple, list)) else (cond, None)
-        if not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[-1] != cfg.context_dim:
-            shape = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
-            raise ValueError(f"context must have shape (B, N, {cfg.context_dim}), got {shape}")
-        if context.shape[0] != B:
-            raise ValueError(f"context batch size {context.shape[0]} != x batch size {B}")
-        if mask is not None:
-            if mask.dtype != torch.bool or mask.shape != context.shape[:2]:
-                raise ValueError(f"mask must be bool of shape (B, N) = {tuple(context.shape[:2])}, "
-                                 f"got {mask.dtype} {tuple(mask.shape)}")
-            if not mask.any(dim=1).all():
-                raise ValueError("every mask row needs at least one True (real) token; "
-                                 "an all-padding row would make attention softmax over nothing (NaN)")
-        return None, context, mask
