@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm_scratch.__main__ import machine_info  # noqa: E402
+from ldm_scratch.bench_timing import trainer_items_per_second  # noqa: E402
 from ldm_scratch.config import DIT_PRESETS, UNET_PRESETS, DiffusionConfig, get_preset  # noqa: E402
 from ldm_scratch.device import cpu_supports_bf16, default_device  # noqa: E402
 from ldm_scratch.diffusion import GaussianDiffusion  # noqa: E402
@@ -76,11 +76,6 @@ def build_model(name: str) -> nn.Module:
     return UNet(dataclasses.replace(get_preset(UNET_PRESETS, "small-latent", "U-Net"), num_classes=NUM_CLASSES))
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def train_latents_per_second(name: str, precision: str, steps: int, warmup: int) -> tuple[float, int]:
     torch.manual_seed(0)
     model = build_model(name)
@@ -88,15 +83,8 @@ def train_latents_per_second(name: str, precision: str, steps: int, warmup: int)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(LatentTimingTask(model), diffusion_train_config(batch_size=BATCH, precision=precision),
                           data, tmp)
-        batch = tuple(b.to(trainer.device) for b in data.tensors)
-        for i in range(warmup + steps):
-            if i == warmup:
-                sync(trainer.device)
-                start = time.perf_counter()
-            trainer.step = i
-            trainer.train_step(batch)
-        sync(trainer.device)
-    return steps * BATCH / (time.perf_counter() - start), model.num_params()
+        rate = trainer_items_per_second(trainer, data.tensors, steps, warmup)
+    return rate, model.num_params()
 
 
 def paper_gflops(size: str, P: int) -> tuple[float, float]:

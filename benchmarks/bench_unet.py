@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm_scratch.__main__ import machine_info  # noqa: E402
+from ldm_scratch.bench_timing import sync, trainer_items_per_second  # noqa: E402
 from ldm_scratch.config import UNET_PRESETS, DiffusionConfig, TrainConfig, get_preset  # noqa: E402
 from ldm_scratch.device import cpu_supports_bf16, default_device  # noqa: E402
 from ldm_scratch.stage2 import DiffusionTask, generate  # noqa: E402
@@ -43,22 +44,9 @@ def build(preset: str, precision: str) -> tuple[DiffusionTask, Trainer, torch.Te
     return task, trainer, data.tensors, tmp
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def train_images_per_second(trainer: Trainer, batch: tuple, steps: int, warmup: int) -> float:
     trainer.task.unet.train()
-    batch = tuple(b.to(trainer.device) for b in batch)
-    for i in range(warmup + steps):
-        if i == warmup:
-            sync(trainer.device)
-            start = time.perf_counter()
-        trainer.step = i
-        trainer.train_step(batch)
-    sync(trainer.device)
-    return steps * BATCH / (time.perf_counter() - start)
+    return trainer_items_per_second(trainer, batch, steps, warmup)
 
 
 def sample_seconds(task: DiffusionTask, device: torch.device, steps: int) -> float:

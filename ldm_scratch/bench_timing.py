@@ -38,6 +38,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def trainer_items_per_second(trainer: Any, batch: tuple, steps: int, warmup: int) -> float:
+    """Items per second through `steps` full Trainer steps (forward, loss, backward, clip, AdamW, EMA) on
+    one fixed batch, after `warmup` untimed steps."""
+    batch = tuple(b.to(trainer.device) for b in batch)
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync(trainer.device)
+            start = time.perf_counter()
+        trainer.step = i
+        trainer.train_step(batch)
+    sync(trainer.device)
+    return steps * batch[0].shape[0] / (time.perf_counter() - start)
+
+
 def median_ms(fn: Callable[[], Any], warmup: int, reps: int, device: torch.device) -> float:
     """Median wall time of fn() in ms, after `warmup` untimed calls (allocator, oneDNN kernel choice)."""
     for _ in range(warmup):
