@@ -193,8 +193,8 @@ DIT_PRESETS: dict[str, Callable[[], DiTConfig]] = {
     "dit-tiny": lambda: DiTConfig(in_channels=4, sample_size=8, patch_size=2, hidden_size=32, depth=2,
                                   num_heads=2),
     # The small-f4 autoencoder's 4 x 8 x 8 MNIST latents: 16 tokens of width 128, 1.28M parameters.
-    # benchmarks/bench_dit.py: 0.12-0.22 s per fp32 training step (batch 64, 1 busy core; bf16 autocast is
-    # ~1.5x SLOWER at this width), so a 10-minute CPU run is ~3,000-5,000 steps.
+    # Measured on the idle 2-core machine (batch 64, bf16 autocast, 1.2x faster than fp32 since layers.attention
+    # avoids the fused kernel's slow bf16 backward): 42-48 ms per training step, so 3,000 steps take ~2 minutes.
     "dit-small-latent": lambda: DiTConfig(in_channels=4, sample_size=8, patch_size=2, hidden_size=128, depth=4,
                                           num_heads=4),
     # The paper's model sizes (Table 1: layers N, hidden size d, heads) x patch sizes 2, 4, 8.
