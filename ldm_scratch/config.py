@@ -129,6 +129,8 @@ class TrainConfig:
     betas: tuple[float, float] = (0.5, 0.9)
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    ema_warmup: bool = True              # decay_n = min(ema_decay, (1 + n) / (10 + n)): see ema.py
+    lr_warmup_steps: int = 0             # >0: the learning rate rises linearly to lr over this many steps
     precision: str = "auto"              # "auto" (bf16 autocast where supported), "bf16", "fp32"
     seed: int = 0
     log_every: int = 50

@@ -42,10 +42,22 @@ GRID_SEED = 1234               # the grids' starting noise: fixed, so grids at d
 NOISE_SEED_STRIDE = 1_000_003
 
 
-def diffusion_train_config(**overrides: Any) -> TrainConfig:
-    """TrainConfig with a DDPM's optimizer: Adam's usual betas (0.9, 0.999), as in Ho et al. 2020's code.
-    TrainConfig's own (0.5, 0.9) are the GAN recipe of stage 1; a denoiser has no adversary to chase."""
-    return dataclasses.replace(TrainConfig(), betas=(0.9, 0.999), **overrides)
+# The denoisers' training defaults, chosen by measurement (README "Training defaults", scripts/sweep_defaults.py).
+# Both: Adam's usual betas (0.9, 0.999), as in Ho et al. 2020's code (TrainConfig's own (0.5, 0.9) are stage 1's
+# GAN recipe; a denoiser has no adversary to chase), and an EMA with warm-up (ema.py) capped at DDPM's 0.9999,
+# so a run of any length samples with an average of its own late weights, never of its random start.
+DENOISER_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "unet": dict(lr=5e-4, betas=(0.9, 0.999), ema_decay=0.9999, ema_warmup=True, lr_warmup_steps=0),
+    "dit": dict(lr=3e-3, betas=(0.9, 0.999), ema_decay=0.9999, ema_warmup=True, lr_warmup_steps=0),
+}
+
+
+def diffusion_train_config(kind: str = "unet", **overrides: Any) -> TrainConfig:
+    """TrainConfig with the measured defaults of a denoiser `kind` ("unet": pixel or latent, class or text;
+    "dit"), then `overrides`."""
+    if kind not in DENOISER_TRAIN_DEFAULTS:
+        raise ValueError(f"unknown denoiser {kind!r}; valid: {', '.join(DENOISER_TRAIN_DEFAULTS)}")
+    return dataclasses.replace(TrainConfig(), **{**DENOISER_TRAIN_DEFAULTS[kind], **overrides})
 
 
 def draw_step_noise(seed: int, step: int, x0: torch.Tensor, T: int, rank: int = 0,

@@ -127,7 +127,10 @@ class Trainer:
             task.distribute(lambda m: nn.parallel.DistributedDataParallel(m, device_ids=ids))
         self.optimizers = task.optimizers(cfg)
         ema_module = task.ema_module()
-        self.ema = EMA(ema_module, cfg.ema_decay) if ema_module is not None and cfg.ema_decay > 0 else None
+        self.ema = (EMA(ema_module, cfg.ema_decay, warmup=cfg.ema_warmup)
+                    if ema_module is not None and cfg.ema_decay > 0 else None)
+        # each parameter group's peak learning rate, for the linear warm-up (cfg.lr_warmup_steps)
+        self.base_lrs = {k: [g["lr"] for g in o.param_groups] for k, o in self.optimizers.items()}
         self.step, self.epoch, self.pos, self.history = 0, 0, 0, []
         self.is_main = self.rank == 0
         self.stopped: str | None = None  # after fit: None (all steps done), "time" or "interrupted"
@@ -180,11 +183,22 @@ class Trainer:
                                      f"The last good checkpoint in {self.out_dir} was left unchanged; "
                                      f"try a lower --lr, --precision fp32 or a smaller --grad-clip, and "
                                      f"--detect-anomaly to name the operation that made the first NaN.")
+        self._set_lr()
         for _, opt in stepped:
             opt.step()
         if self.ema is not None:
             self.ema.update(self.task.ema_module())
         return logs
+
+    def _set_lr(self) -> None:
+        """Linear learning-rate warm-up: step n (0-based) uses lr * min(1, (n + 1) / lr_warmup_steps).
+        A function of the step alone, so a resumed run uses exactly the rates an uninterrupted one would."""
+        if self.cfg.lr_warmup_steps <= 0:
+            return
+        scale = min(1.0, (self.step + 1) / self.cfg.lr_warmup_steps)
+        for k, opt in self.optimizers.items():
+            for g, base in zip(opt.param_groups, self.base_lrs[k]):
+                g["lr"] = base * scale
 
     def _backward(self, name: str, loss: torch.Tensor, terms: dict) -> None:
         """loss.backward(); in anomaly mode (cfg.detect_anomaly) a NaN gradient stops here, naming the
@@ -253,9 +267,10 @@ class Trainer:
             m.load_state_dict(state["modules"][k])
         for k, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"][k])
+        self.step, self.epoch, self.pos, self.history = state["step"], state["epoch"], state["pos"], state["history"]
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
-        self.step, self.epoch, self.pos, self.history = state["step"], state["epoch"], state["pos"], state["history"]
+            self.ema.num_updates = self.step  # one update per step: the warm-up continues where it was
         set_rng_state(state["rng"])
 
     # ------------------------------------------------------------------ the loop

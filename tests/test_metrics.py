@@ -199,3 +199,20 @@ def test_bad_input_raises_clear_errors(classifier):
         classifier_features(torch.full((2, 1, 32, 32), float("nan")), classifier)
     with pytest.raises(ValueError, match="n must be"):
         real_vs_real_fid(300, classifier, images=x)
+
+
+def test_second_eye_distance_ranks_like_the_classifier():
+    """The independent judge (perceptual net features): 0 for a set against itself, small for two real sets,
+    large for noise; the real-vs-real floor through `eye=` matches a direct call on the same two sets."""
+    from ldm_scratch.data import MNIST5k
+    from ldm_scratch.metrics import real_vs_real_fid, second_eye_distance
+    real = MNIST5k("all", pad_to=32).images
+    a, b = real[:200].float(), real[200:400].float()
+    noise = torch.rand(200, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert second_eye_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert second_eye_distance(noise, b) > 10 * second_eye_distance(a, b)
+    order = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))
+    floor = real_vs_real_fid(100, eye=second_eye_distance)
+    assert floor == pytest.approx(second_eye_distance(real[order[:100]].float(), real[order[100:200]].float()))
+    with pytest.raises(ValueError):
+        second_eye_distance(torch.zeros(4, 3, 32, 32), b)

@@ -1,5 +1,6 @@
 """The training loop: exact resume, atomic checkpoints, NaN stop, EMA maths, the discriminator's
 start, the time budget, and DDP (2 processes == 1 process on the same global batch)."""
+import math
 import os
 import socket
 
@@ -10,7 +11,8 @@ from torch import nn
 
 from ldm_scratch.checkpoint import CheckpointError, safe_torch_load
 from ldm_scratch.config import AutoencoderConfig, LossConfig, TrainConfig
-from ldm_scratch.train import EMA, NonFiniteLossError, Trainer
+from ldm_scratch.ema import EMA, ema_decay_at
+from ldm_scratch.train import NonFiniteLossError, Trainer
 
 
 class RegressionTask:
@@ -62,12 +64,14 @@ def cfg(**kw):
     return TrainConfig(**base)
 
 
-def test_exact_resume(tmp_path):
+@pytest.mark.parametrize("warmup", [0, 7], ids=["no lr warm-up", "lr warm-up across the break"])
+def test_exact_resume(tmp_path, warmup):
     # 10 steps with 48 items / batch 8 = 6 batches per epoch: the break at 5 and the resume cross an epoch.
-    full = Trainer(RegressionTask(), cfg(steps=10), regression_data(), tmp_path / "a").fit()
-    Trainer(RegressionTask(), cfg(steps=5), regression_data(), tmp_path / "b").fit()
+    # The EMA warms up (default) and, with warmup=7, so does the learning rate: both must continue exactly.
+    full = Trainer(RegressionTask(), cfg(steps=10, lr_warmup_steps=warmup), regression_data(), tmp_path / "a").fit()
+    Trainer(RegressionTask(), cfg(steps=5, lr_warmup_steps=warmup), regression_data(), tmp_path / "b").fit()
     task = RegressionTask()
-    t = Trainer(task, cfg(steps=10), regression_data(), tmp_path / "b")
+    t = Trainer(task, cfg(steps=10, lr_warmup_steps=warmup), regression_data(), tmp_path / "b")
     resumed = t.fit(resume=True)
     assert [h["step"] for h in resumed] == list(range(1, 11))
     assert resumed == full  # identical floats, every step
@@ -119,7 +123,7 @@ def test_ema_maths():
     m = nn.Linear(2, 1, bias=False)
     with torch.no_grad():
         m.weight.fill_(0.0)
-    ema = EMA(m, decay=0.9)
+    ema = EMA(m, decay=0.9, warmup=False)
     with torch.no_grad():
         m.weight.fill_(1.0)
     ema.update(m)  # 0.9 * 0 + 0.1 * 1
@@ -207,3 +211,43 @@ def test_ddp_two_processes_match_one(tmp_path):
     two = q.get()
     assert torch.allclose(torch.tensor(two), torch.tensor([h["model_loss"] for h in single]), rtol=1e-5)
     assert (tmp_path / "two" / "checkpoint.pt").is_file()
+
+
+def test_ema_warmup_decay_formula():
+    # d_n = min(d, (1 + n) / (10 + n)): 0.1 at the first update, 0.5 at n = 8, then the cap
+    assert ema_decay_at(0.9999, 0) == pytest.approx(0.1)
+    assert ema_decay_at(0.9999, 8) == pytest.approx(0.5)
+    assert ema_decay_at(0.9999, 90) == pytest.approx(0.91)
+    assert ema_decay_at(0.99, 10_000) == 0.99          # long runs: exactly the fixed-decay EMA
+    assert ema_decay_at(0.999, 5, warmup=False) == 0.999
+
+
+def test_ema_warmup_forgets_the_initial_weights():
+    """The failure it fixes: weights jump from 0 (init) to 1 and stay. After n updates the average keeps
+    prod_k d_k of the initial weights: 0.999^n without warm-up (82% after 200 updates), and
+    prod_k (1 + k) / (10 + k) = 9! n! / (n + 9)! with it (~1e-13 after 200)."""
+    n = 200
+    shares = {}
+    for warmup in (False, True):
+        m = nn.Linear(2, 1, bias=False)
+        with torch.no_grad():
+            m.weight.fill_(0.0)
+        ema = EMA(m, decay=0.999, warmup=warmup)
+        with torch.no_grad():
+            m.weight.fill_(1.0)
+        for _ in range(n):
+            ema.update(m)
+        shares[warmup] = 1 - ema.shadow["weight"][0, 0].double().item()
+    assert shares[False] == pytest.approx(0.999 ** n, rel=1e-4)
+    closed = math.exp(math.lgamma(10) + math.lgamma(n + 1) - math.lgamma(n + 10))  # 9! n! / (n + 9)!
+    assert closed < 1e-12 and shares[True] < 1e-6
+    assert ema.num_updates == n
+
+
+def test_lr_warmup_is_linear_then_flat(tmp_path):
+    t = Trainer(RegressionTask(), cfg(steps=3, lr_warmup_steps=10), regression_data(), tmp_path / "a")
+    t.fit()
+    assert t.optimizers["model"].param_groups[0]["lr"] == pytest.approx(0.05 * 3 / 10)  # step 3 of 10
+    t = Trainer(RegressionTask(), cfg(steps=12, lr_warmup_steps=10), regression_data(), tmp_path / "b")
+    t.fit()
+    assert t.optimizers["model"].param_groups[0]["lr"] == pytest.approx(0.05)

@@ -160,14 +160,13 @@ def denoiser_config(args: argparse.Namespace, kind: str, conditioning: str, late
     return dataclasses.replace(cfg, in_channels=c, sample_size=s, learn_sigma=False, **cond)
 
 
-def train_latent(args: argparse.Namespace) -> dict:
-    """Encode --data once (OUT/latents.pt), train the denoiser on the latents, save OUT/pipeline/ and, with
-    --eval-per-class K > 0, score it (OUT/eval.json). Returns a summary."""
+def prepare_latent(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """Everything train_latent trains, built from the flags: (task, train_cfg, data). The latents of --data
+    are encoded once and cached in OUT/latents.pt. scripts/sweep_defaults.py builds its runs here too."""
     from ldm_scratch.autoencoder import AutoencoderKL
     from ldm_scratch.stage2 import diffusion_train_config
     from ldm_scratch.stage3 import LatentDiffusionTask, latent_dataset
     from ldm_scratch.text import Tokenizer
-    from ldm_scratch.train import Trainer
     if not args.autoencoder:
         raise ValueError("--space latent (stage 3) needs --autoencoder DIR (a folder written by train-autoencoder: "
                          "OUT/model)")
@@ -175,7 +174,7 @@ def train_latent(args: argparse.Namespace) -> dict:
         raise ValueError(f"--space latent trains on {', '.join(LATENT_DATA)}; got --data {args.data}")
     kind, conditioning = args.denoiser, args.conditioning or "class"
     check_denoiser_flags(args, kind)
-    train_cfg = apply_flags(diffusion_train_config(), args)
+    train_cfg = apply_flags(diffusion_train_config(kind), args)  # the denoiser's measured defaults
     ae = AutoencoderKL.from_pretrained(args.autoencoder)
     images, labels, captions = latent_training_set(args.data)
     if images.shape[1] != ae.cfg.in_channels:
@@ -202,6 +201,15 @@ def train_latent(args: argparse.Namespace) -> dict:
                                guidance_scale=args.guidance_scale, precision=train_cfg.precision,
                                sample_steps=args.sample_steps, grid_prompts=list(GRID_PROMPTS),
                                ae_folder=args.autoencoder)
+    return task, train_cfg, data
+
+
+def train_latent(args: argparse.Namespace) -> dict:
+    """Encode --data once (OUT/latents.pt), train the denoiser on the latents, save OUT/pipeline/ and, with
+    --eval-per-class K > 0, score it (OUT/eval.json). Returns a summary."""
+    from ldm_scratch.train import Trainer
+    task, train_cfg, data = prepare_latent(args)
+    out, kind, conditioning = Path(args.out), args.denoiser, task.conditioning
     trainer = Trainer(task, train_cfg, data, out)
     start = time.time()
     trainer.fit(resume=args.resume)
