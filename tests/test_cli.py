@@ -136,7 +136,7 @@ def test_latent_training_writes_pipeline_and_eval(autoencoders, tmp_path, capsys
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "class_labels" in err[0]
     else:
-        for key in ("adherence", "ceiling"):
+        for key in ("adherence", "reconstructions"):
             assert set(ev["eval"][key]) >= {"digit_acc", "color_acc", "background_acc", "all_acc"}
         png = tmp_path / "grid.png"
         assert main(["sample", "--model", str(out / "pipeline"), "--prompt", "a red 7 on grass", "a blue 1 on plain",

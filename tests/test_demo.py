@@ -26,11 +26,15 @@ def test_demo_quick_trains_both_stages_and_reports(tmp_path):
         assert (out / f).is_file(), f
     report = json.loads((out / "report.json").read_text())
     assert [s["guidance_scale"] for s in report["sweep"]] == [1.0, 2.0, 3.0, 5.0]
-    assert set(report["ceiling"]) >= {"digit_acc", "color_acc", "background_acc", "all_acc"}
+    assert set(report["reconstructions"]) >= {"digit_acc", "color_acc", "background_acc", "all_acc"}
     assert report["denoiser"]["conditioning"] == "text" and report["denoiser"]["steps"] >= 1
-    assert len(report["phases"]) == 4 and report["machine"]["threads"] >= 1
+    assert len(report["phases"]) == 5 and report["machine"]["threads"] >= 1
+    # the best guidance scored again through other samplers (deterministic DDIM and eta 1)
+    assert [(s["sampler"], s["eta"]) for s in report["samplers"]] == [("ddim", 0.0), ("ddim", 0.0), ("ddim", 1.0)]
+    best = max(report["sweep"], key=lambda s: s["all_acc"])["guidance_scale"]
+    assert {s["guidance_scale"] for s in report["samplers"]} == {best}
     text = (out / "report.md").read_text()
-    assert "ceiling" in text and "a red 7 on grass" in text
+    assert "reconstructions" in text and "a red 7 on grass" in text
 
 
 def test_demo_autoencoders_writes_models_grids_and_report(tmp_path):
