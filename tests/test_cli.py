@@ -169,3 +169,102 @@ def test_pixel_space_refuses_latent_flags(capsys):
     from ldm_scratch.__main__ import main
     assert main(["train-diffusion", "--data", "colored", "--steps", "1"]) == 2
     assert "--space latent" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- sample: bad input, one line each
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory):
+    """An untrained tiny pixel model folder (OUT/model) and a tiny text pipeline folder (OUT/pipeline)."""
+    import dataclasses
+    import torch
+    from ldm_scratch.autoencoder import AutoencoderKL
+    from ldm_scratch.config import AUTOENCODER_PRESETS, UNET_PRESETS, DiffusionConfig, TextEncoderConfig, get_preset
+    from ldm_scratch.diffusion import GaussianDiffusion
+    from ldm_scratch.pipeline import LatentDiffusionPipeline
+    from ldm_scratch.stage2 import DiffusionTask
+    from ldm_scratch.text import TextEncoder, Tokenizer
+    from ldm_scratch.unet import UNet
+    root = tmp_path_factory.mktemp("saved")
+    torch.manual_seed(0)
+    pixel = dataclasses.replace(get_preset(UNET_PRESETS, "tiny"), num_classes=10, sample_size=16)
+    DiffusionTask(pixel, DiffusionConfig(), precision="fp32").finish(root / "pixel", grid=False)
+    tok = Tokenizer.from_captions(["a red 7 on grass", "a blue 1 on plain"])
+    ae = AutoencoderKL(dataclasses.replace(get_preset(AUTOENCODER_PRESETS, "tiny"), in_channels=3, scale_factor=0.8))
+    te = TextEncoder(TextEncoderConfig(vocab_size=tok.vocab_size, max_length=tok.max_length, dim=16, depth=1,
+                                       num_heads=2))
+    unet = UNet(dataclasses.replace(get_preset(UNET_PRESETS, "tiny-latent"), context_dim=16))
+    LatentDiffusionPipeline(ae, unet, GaussianDiffusion(DiffusionConfig()), tok, te).save_pretrained(
+        root / "text" / "pipeline")
+    return {"pixel": root / "pixel" / "model", "text": root / "text" / "pipeline"}
+
+
+def sample_args(saved_models, kind, out):
+    cond = ["--class-labels", "3"] if kind == "pixel" else ["--prompt", "a red 7"]
+    return ["sample", "--model", str(saved_models[kind]), *cond, "--num-images", "1", "--steps", "1",
+            "--precision", "fp32", "--out", str(out)]
+
+
+def assert_one_line_error(main, argv, capsys, expected):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+
+
+@pytest.mark.parametrize("kind", ["pixel", "text"])
+def test_sample_runs_on_both_saved_folders(saved_models, tmp_path, kind):
+    """The fixtures are valid: the errors below come from the flags, not from a broken folder."""
+    from ldm_scratch.__main__ import main
+    assert main(sample_args(saved_models, kind, tmp_path / "ok.png")) == 0
+    assert (tmp_path / "ok.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("kind", ["pixel", "text"])
+@pytest.mark.parametrize("flag, value", [("--num-images", "0"), ("--num-images", "-2"), ("--steps", "0"),
+                                         ("--steps", "-5"), ("--steps", "1001")])
+def test_sample_refuses_counts_out_of_range(saved_models, tmp_path, capsys, kind, flag, value):
+    """A count of 0, a negative one, or more DDIM steps than the model's T = 1000: an error, and no image."""
+    from ldm_scratch.__main__ import main
+    out = tmp_path / "x.png"
+    assert_one_line_error(main, [*sample_args(saved_models, kind, out), flag, value], capsys, flag)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["pixel", "text"])
+@pytest.mark.parametrize("flag, value", [("--guidance-scale", "nan"), ("--guidance-scale", "-1"),
+                                         ("--guidance-scale", "inf"), ("--eta", "1.5"), ("--eta", "-0.1"),
+                                         ("--eta", "nan")])
+def test_sample_refuses_non_finite_or_out_of_range_floats(saved_models, tmp_path, capsys, kind, flag, value):
+    from ldm_scratch.__main__ import main
+    out = tmp_path / "x.png"
+    assert_one_line_error(main, [*sample_args(saved_models, kind, out), flag, value], capsys, flag)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["pixel", "text"])
+def test_sample_refuses_a_negative_seed(saved_models, tmp_path, capsys, kind):
+    from ldm_scratch.__main__ import main
+    assert_one_line_error(main, [*sample_args(saved_models, kind, tmp_path / "x.png"), "--seed", "-1"], capsys,
+                          "--seed")
+
+
+def test_sample_refuses_a_value_of_the_wrong_type(saved_models, tmp_path, capsys):
+    from ldm_scratch.__main__ import main  # argparse: exit 2 before any work, naming the flag
+    with pytest.raises(SystemExit) as e:
+        main([*sample_args(saved_models, "text", tmp_path / "x.png"), "--steps", "two"])
+    assert e.value.code == 2 and "--steps: invalid int value" in capsys.readouterr().err
+
+
+def test_sample_names_a_missing_or_wrong_model_folder(saved_models, tmp_path, capsys):
+    """No such folder, a file, a folder holding neither layout (listing both), a run folder (pointing inside)."""
+    from ldm_scratch.__main__ import main
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+
+    assert_one_line_error(main, ["sample", "--model", str(tmp_path / "no" / "such"), "--prompt", "a"], capsys,
+                          "no such folder")
+    assert_one_line_error(main, ["sample", "--model", str(tmp_path / "file.txt")], capsys, "is a file")
+    assert_one_line_error(main, ["sample", "--model", str(tmp_path / "empty"), "--prompt", "a"], capsys,
+                          "neither a pipeline folder (model_index.json) nor a model folder (config.json + model.pt)")
+    run_folder = saved_models["text"].parent  # OUT, holding OUT/pipeline
+    assert_one_line_error(main, ["sample", "--model", str(run_folder), "--prompt", "a"], capsys,
+                          f"did you mean {saved_models['text']}?")

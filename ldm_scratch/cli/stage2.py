@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -122,12 +123,52 @@ def add_sample(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="samples.png", help="the PNG grid to write")
 
 
+# The seeds torch.Generator.manual_seed takes: an unsigned 64-bit integer.
+MAX_SEED = 2 ** 64 - 1
+
+
+def check_sample_flags(args: argparse.Namespace) -> None:
+    """Every numeric flag of `sample`, checked once, before a model is loaded: one line naming the flag, what it
+    takes and what it got. argparse has already refused a wrong type ("--steps two"); these are wrong values.
+    The bound that needs the model (--steps <= its T) is stage3.check_steps, after loading."""
+    if args.num_images is not None and args.num_images < 1:
+        raise ValueError(f"--num-images must be >= 1 (images per prompt or label); got {args.num_images}")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1 (DDIM steps); got {args.steps}")
+    w = args.guidance_scale
+    if w is not None and not (math.isfinite(w) and w >= 0):  # NaN fails every comparison, hence isfinite first
+        raise ValueError(f"--guidance-scale must be a finite number >= 0 (1 = no guidance); got {w}")
+    if not 0 <= args.eta <= 1:  # NaN is outside too
+        raise ValueError(f"--eta must be in [0, 1] (0 = deterministic DDIM, 1 = DDPM's variance); got {args.eta}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ValueError(f"--seed must be an integer in 0..2^64-1; got {args.seed}")
+
+
+def model_folder_kind(folder: str) -> str:
+    """--model -> "pipeline" (model_index.json) or "model" (config.json + model.pt); anything else is a
+    ValueError saying what the folder is and what was expected, before any file is read."""
+    path = Path(folder)
+    if not path.exists():
+        raise ValueError(f"--model {folder}: no such folder")
+    if not path.is_dir():
+        raise ValueError(f"--model {folder} is a file; expected a folder (OUT/pipeline or OUT/model)")
+    if stage3.is_pipeline(path):
+        return "pipeline"
+    if (path / "config.json").is_file() and (path / "model.pt").is_file():
+        return "model"
+    inside = [sub for sub in ("pipeline", "model") if (path / sub).is_dir()]  # a run folder given for its output
+    hint = f" (did you mean {path / inside[0]}?)" if inside else ""
+    raise ValueError(f"--model {folder} is neither a pipeline folder (model_index.json) nor a model folder "
+                     f"(config.json + model.pt){hint}")
+
+
 def sample(args: argparse.Namespace) -> Path:
     """Load a pixel model folder, sample a grid (a row per class, or the asked labels) and save it.
     A pipeline folder (model_index.json): stage3.sample_pipeline."""
     from ldm_scratch.stage2 import generate, load_diffusion_model
     from ldm_scratch.train import save_image_grid
-    if stage3.is_pipeline(args.model):
+    check_sample_flags(args)
+    if model_folder_kind(args.model) == "pipeline":
         return stage3.sample_pipeline(args)
     if args.prompt is not None:
         raise ValueError(f"{args.model} is a class-conditional pixel model: it takes --class-labels, not --prompt "
@@ -135,9 +176,8 @@ def sample(args: argparse.Namespace) -> Path:
     unet, diffusion, meta = load_diffusion_model(args.model, default_device())
     if meta["space"] != "pixel":
         raise ValueError(f"{args.model} is a {meta['space']} model; sample it through its latent pipeline")
+    stage3.check_steps(args, diffusion.T)
     k = unet.cfg.num_classes
-    if args.num_images is not None and args.num_images < 1:
-        raise ValueError(f"--num-images must be >= 1; got {args.num_images}")
     if args.class_labels is not None:
         bad = [c for c in args.class_labels if not 0 <= c < k]
         if bad:

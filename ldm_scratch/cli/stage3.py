@@ -245,6 +245,13 @@ def is_pipeline(folder: str | Path) -> bool:
     return (Path(folder) / "model_index.json").is_file()
 
 
+def check_steps(args: argparse.Namespace, T: int) -> None:
+    """--steps against the loaded model's training T (DDIM picks --steps of those T; DDPM runs all T). The other
+    flags were checked before loading (stage2.check_sample_flags); this bound needs the model."""
+    if args.sampler == "ddim" and args.steps > T:
+        raise ValueError(f"--steps must be <= {T}, the T this model was trained with; got {args.steps}")
+
+
 def sample_pipeline(args: argparse.Namespace) -> Path:
     """A grid from a pipeline folder: a row of --num-images per prompt or class label (or per class, or one
     unconditional row). Every mismatch (a prompt to a class model, an unknown word) is the pipeline's ValueError."""
@@ -253,8 +260,9 @@ def sample_pipeline(args: argparse.Namespace) -> Path:
     from ldm_scratch.pipeline import LatentDiffusionPipeline
     from ldm_scratch.train import save_image_grid
     pipe = LatentDiffusionPipeline.from_pretrained(args.model, default_device())
+    check_steps(args, pipe.diffusion.T)
     extra = read_json(Path(args.model) / "model_index.json").get("extra", {})
-    k = args.num_images or 8
+    k = 8 if args.num_images is None else args.num_images  # `or 8` would turn --num-images 0 into 8
     kw: dict[str, Any] = {}
     if args.prompt is not None:
         kw, what = {"prompt": list(args.prompt)}, "rows: " + " | ".join(args.prompt)
