@@ -4,6 +4,7 @@
     z_T ~ N(0, I) (B, c, h, w) -> DDIM / DDPM steps of the denoiser eps_theta(z_t, t, cond), with
         classifier-free guidance (Ho & Salimans 2022) as ONE batched forward on [cond; null] -> z0
     z0 / scale_factor -> AutoencoderKL.decode -> images (B, C, H, W) in [-1, 1], decoded once
+    -> output_type: diffusers' "pil", "np", "pt" (both in [0, 1]) or "latent" (z0, undecoded), or our "tensor"
 
 The denoiser never sees pixels: it dreams in the autoencoder's scaled latent space, and the decoder
 renders only the final z0. A trained pipeline is a local folder laid out like diffusers':
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import numpy as np
 from PIL import Image
 from torch import Tensor, nn
 
@@ -38,7 +40,9 @@ from ldm_scratch.unet import UNet
 
 CONDITIONINGS = ("class", "text", "none")
 SAMPLERS = ("ddim", "ddpm")
-OUTPUT_TYPES = ("pil", "tensor")
+# diffusers' four names (VaeImageProcessor.postprocess), then ours: "tensor" is the decoder's own [-1, 1] range,
+# what our metrics and image grids read. See `postprocess` for each one's shape and range.
+OUTPUT_TYPES = ("pil", "np", "pt", "latent", "tensor")
 DENOISER_KINDS = ("unet", "dit")
 # kind -> (config class, model class). Both denoisers share one interface: forward(x, t, cond), .cfg with
 # in_channels / sample_size / num_classes / context_dim, .null_class, .num_params().
@@ -73,8 +77,8 @@ def denoiser_kind(model: nn.Module) -> str:
 
 @dataclass
 class PipelineOutput:
-    """`images`: a list of PIL images (output_type "pil") or a (N, C, H, W) tensor in [-1, 1] ("tensor")."""
-    images: list[Image.Image] | Tensor
+    """`images`: what `output_type` asked for (see `postprocess`): PIL images, an array or a tensor."""
+    images: list[Image.Image] | np.ndarray | Tensor
 
 
 def to_pil(x: Tensor) -> list[Image.Image]:
@@ -83,6 +87,23 @@ def to_pil(x: Tensor) -> list[Image.Image]:
     arr = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     arr = arr.permute(0, 2, 3, 1).numpy()  # (N, C, H, W) -> (N, H, W, C)
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
+
+
+def postprocess(x: Tensor, output_type: str) -> list[Image.Image] | np.ndarray | Tensor:
+    """Decoded images x (N, C, H, W) in [-1, 1] -> output_type, with diffusers' conventions for its names:
+      "pil"     N PIL images (grey "L" for C = 1, "RGB" for C = 3)
+      "np"      a float32 numpy array (N, H, W, C) in [0, 1], on the CPU
+      "pt"      a float tensor (N, C, H, W) in [0, 1], on the pipeline's device
+      "tensor"  ours: x itself, (N, C, H, W) in [-1, 1], the range the autoencoder was trained on
+    ("latent" never gets here: __call__ returns z0 before decoding.)"""
+    if output_type == "tensor":
+        return x
+    if output_type == "pil":
+        return to_pil(x)
+    x01 = (x + 1) / 2  # [-1, 1] -> [0, 1]: diffusers' denormalize, x / 2 + 0.5
+    if output_type == "pt":
+        return x01
+    return x01.permute(0, 2, 3, 1).cpu().numpy()  # "np": (N, C, H, W) -> (N, H, W, C)
 
 
 class LatentDiffusionPipeline:
@@ -146,6 +167,9 @@ class LatentDiffusionPipeline:
         unconditional samples. guidance_scale w: eps_null + w (eps_cond - eps_null); 1 = no guidance,
         and it is ignored (taken as 1) when there is no condition to guide towards. DDPM always runs
         all T steps (num_inference_steps is DDIM's). Deterministic given `generator` (on this device).
+        output_type: "pil" (default), "np" or "pt" (images in [0, 1], diffusers' conventions), "latent" (z0
+        (N, c, h, w) in the scaled latent space, undecoded: decode(z0 / scale_factor) renders it), or "tensor"
+        (ours: (N, C, H, W) in [-1, 1]); `postprocess` has the shapes.
         """
         device = self.device
         self._check_options(num_images, num_inference_steps, guidance_scale, sampler, eta, output_type,
@@ -168,12 +192,15 @@ class LatentDiffusionPipeline:
                     z0 = self.diffusion.sample_ddpm(self.denoiser, (B, *shape), c, null, guidance_scale=w,
                                                     generator=generator, progress=progress, clip_x0=False,
                                                     device=device)
+                if output_type == "latent":  # diffusers: the scaled z0 as the denoiser made it, never decoded
+                    out.append(z0.float())
+                    continue
                 # No clip_x0 above: latents are not bounded to [-1, 1] (only pixels are), so clipping would
                 # cut real content. Undo the unit-variance scaling (Sec. 4.3.2), then render once.
                 x = self.autoencoder.decode(z0 / self.autoencoder.scale_factor)  # (B, c, h, w) -> (B, C, H, W)
             out.append(x.float().clamp(-1, 1))
-        images = torch.cat(out)  # (N, C, H, W)
-        return PipelineOutput(to_pil(images) if output_type == "pil" else images)
+        images = torch.cat(out)  # (N, C, H, W), or the latents (N, c, h, w)
+        return PipelineOutput(images if output_type == "latent" else postprocess(images, output_type))
 
     def _check_options(self, num_images, num_inference_steps, guidance_scale, sampler, eta, output_type,
                        precision, batch_size) -> None:

@@ -10,8 +10,8 @@ single vector per prompt, e.g. DiT's adaLN conditioning.
 
 Two simplifications against CLIP, both because our captions are short sentences from a closed set:
   - words, not byte-pair encoding: the vocabulary is the set of words in the training captions, and a
-    word outside it is an error that lists the valid ones (CLIP's BPE never fails, but silently
-    splits an unseen word into pieces the model may never have trained on);
+    word outside it becomes [unk], with a warning that lists such words (CLIP's BPE never fails, but
+    silently splits an unseen word into pieces the model may never have trained on);
   - bidirectional attention: CLIP's text transformer is causal (it was built like GPT-2), so a token
     sees only its left; ours lets "7" see "red" and "grass" too. Padding is masked out of the keys,
     so pad tokens never change a real token's output.
@@ -22,6 +22,7 @@ least one unmasked token per row; an all-padding row would give softmax over not
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ from torch import nn
 from .config import TextEncoderConfig
 from .layers import attention
 
-PAD, BOS = "[pad]", "[bos]"
+PAD, BOS, UNK = "[pad]", "[bos]", "[unk]"
 SPECIAL_TOKENS = (PAD, BOS)  # ids 0 and 1, before every word
 PAD_ID, BOS_ID = 0, 1
 
@@ -42,19 +43,33 @@ PAD_ID, BOS_ID = 0, 1
 class Tokenizer:
     """Word-level tokenizer over a fixed vocabulary: prompts -> (ids (B, L) int64, mask (B, L) bool).
 
-    Token ids: 0 = [pad], 1 = [bos], 2.. = the words in `vocab` order. Every row is
-    [bos] w1 w2 ... [pad] [pad], L = max_length; mask is True on [bos] and the words.
+    Token ids: 0 = [pad], 1 = [bos], 2.. = the words in `vocab` order, then [unk] last (if `unk`). Every
+    row is [bos] w1 w2 ... [pad] [pad], L = max_length; mask is True on [bos] and the words.
     Prompts are lowercased and split on whitespace, so the vocabulary holds lowercase words.
+
+    Prompts a model was not trained on, handled as diffusers' CLIP tokenizer does, with a warning:
+      - too long: cut to the first max_length - 1 words (diffusers cuts to the tokenizer's 77 tokens);
+      - an unknown word: [unk], one warning per encode() listing every unknown word. [unk] keeps the
+        other words at the positions they were trained at ("a purple 7 on grass": "7" stays third),
+        where dropping the word would shift them. No training caption holds an unknown word, so [unk]'s
+        embedding stays as initialised: it stands for "some word", not for what the user meant.
+    Backwards compatibility: [unk] is the LAST id, so every word keeps the id it had before [unk] existed
+    (cached token ids stay valid). A tokenizer saved before then (to_dict without "unk") loads with
+    unk=False: its text encoder has no embedding row for [unk], so an unknown word stays a ValueError
+    that lists the vocabulary. Mapping it to [pad] instead would mask the word out, which that model never
+    saw during training either; an error keeps an old pipeline's behaviour exactly what it was.
     """
 
-    def __init__(self, vocab: list[str], max_length: int):
+    def __init__(self, vocab: list[str], max_length: int, unk: bool = True):
         vocab = list(vocab)
         bad = [w for w in vocab if not isinstance(w, str) or not w or w != w.lower() or len(w.split()) != 1]
         if bad:
             raise ValueError(f"vocabulary words must be non-empty lowercase strings without spaces, got {bad}")
-        if set(vocab) & set(SPECIAL_TOKENS):
-            raise ValueError(f"the vocabulary must not contain the special tokens {SPECIAL_TOKENS}: "
-                             f"they are added as ids 0 and 1")
+        if set(vocab) & {*SPECIAL_TOKENS, UNK}:
+            raise ValueError(f"the vocabulary must not contain the special tokens {(*SPECIAL_TOKENS, UNK)}: "
+                             f"they are added as ids 0 and 1 (and the last id)")
+        if not isinstance(unk, bool):
+            raise ValueError(f"unk must be True or False, got {unk!r}")
         if len(set(vocab)) != len(vocab):
             dups = sorted({w for w in vocab if vocab.count(w) > 1})
             raise ValueError(f"the vocabulary has duplicate words: {dups}")
@@ -62,7 +77,8 @@ class Tokenizer:
             raise ValueError(f"max_length must be an int >= 1 (room for [bos]), got {max_length!r}")
         self.words = vocab
         self.max_length = max_length
-        self.itos = list(SPECIAL_TOKENS) + vocab  # id -> token
+        self.unk_id = len(SPECIAL_TOKENS) + len(vocab) if unk else None  # the last id, after every word
+        self.itos = list(SPECIAL_TOKENS) + vocab + ([UNK] if unk else [])  # id -> token
         self.stoi = {tok: i for i, tok in enumerate(self.itos)}  # token -> id
 
     @classmethod
@@ -76,28 +92,41 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        """Number of token ids: the words plus [pad] and [bos]; TextEncoderConfig.vocab_size."""
+        """Number of token ids: the words plus [pad], [bos] (and [unk]); TextEncoderConfig.vocab_size."""
         return len(self.itos)
 
     def encode(self, prompts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """prompts (one string or B strings) -> ids (B, L) int64 and mask (B, L) bool, L = max_length."""
+        """prompts (one string or B strings) -> ids (B, L) int64 and mask (B, L) bool, L = max_length.
+        Too-long prompts are cut and unknown words become [unk], each with one warning (class docstring)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError(f"expected a prompt string or a non-empty list of them, got {prompts!r}")
         ids = torch.full((len(prompts), self.max_length), PAD_ID, dtype=torch.int64)  # (B, L), all [pad]
+        cut, unknown = [], []  # the prompts truncated, the unknown words (in order, once each)
         for b, prompt in enumerate(prompts):
             if not isinstance(prompt, str):
                 raise ValueError(f"prompt {b} should be a string, got {type(prompt).__name__}: {prompt!r}")
             words = prompt.lower().split()
-            if len(words) + 1 > self.max_length:
-                raise ValueError(f"prompt {prompt!r} has {len(words)} words; at most {self.max_length - 1} fit "
-                                 f"(max_length {self.max_length} includes [bos])")
-            unknown = [w for w in words if w not in self.stoi or w in SPECIAL_TOKENS]
-            if unknown:
-                raise ValueError(f"unknown word {unknown[0]!r} in prompt {prompt!r}; "
-                                 f"the vocabulary is: {', '.join(self.words)}")
-            ids[b, :len(words) + 1] = torch.tensor([BOS_ID] + [self.stoi[w] for w in words])
+            if len(words) + 1 > self.max_length:  # [bos] takes one of the max_length positions
+                cut.append(prompt)
+                words = words[:self.max_length - 1]
+            # "[pad]" or "[bos]" typed in a prompt are words like any other, not the special tokens
+            new = [w for w in words if (w not in self.stoi or w in SPECIAL_TOKENS) and w not in unknown]
+            if new and self.unk_id is None:
+                raise ValueError(f"unknown word {new[0]!r} in prompt {prompt!r}; the vocabulary is: "
+                                 f"{', '.join(self.words)} (this tokenizer was saved without [unk])")
+            unknown += new
+            token_ids = [self.unk_id if w in unknown else self.stoi[w] for w in words]
+            ids[b, :len(words) + 1] = torch.tensor([BOS_ID] + token_ids)
+        limit = self.max_length - 1
+        if cut:
+            warnings.warn(f"{len(cut)} prompt(s) longer than {limit} words (max_length {self.max_length} "
+                          f"includes [bos]) cut to their first {limit}: {', '.join(map(repr, cut[:3]))}"
+                          f"{', ...' if len(cut) > 3 else ''}", stacklevel=2)
+        if unknown:
+            warnings.warn(f"unknown words {unknown} encoded as {UNK}, a token no training caption held; "
+                          f"the vocabulary is: {', '.join(self.words)}", stacklevel=2)
         return ids, ids != PAD_ID
 
     def decode(self, ids: torch.Tensor | list) -> list[str]:
@@ -112,25 +141,28 @@ class Tokenizer:
         return [" ".join(self.itos[i] for i in row if i >= len(SPECIAL_TOKENS)) for row in ids.tolist()]
 
     def to_dict(self) -> dict:
-        """JSON-ready: the words (ids 2..) and max_length; the special tokens are implied."""
-        return {"vocab": list(self.words), "max_length": self.max_length}
+        """JSON-ready: the words (ids 2..), max_length and whether [unk] follows them; [pad], [bos] are implied."""
+        return {"vocab": list(self.words), "max_length": self.max_length, "unk": self.unk_id is not None}
 
     @classmethod
     def from_dict(cls, d: dict) -> Tokenizer:
-        """Rebuild from `to_dict()`; a malformed dict is a ValueError saying what was expected."""
-        expected = {"vocab", "max_length"}
-        if not isinstance(d, dict) or set(d) != expected:
+        """Rebuild from `to_dict()`; a malformed dict is a ValueError saying what was expected. A dict without
+        "unk" was saved before [unk] existed: it loads without it (the class docstring says why)."""
+        required, optional = {"vocab", "max_length"}, {"unk"}
+        if not isinstance(d, dict) or not required <= set(d) <= required | optional:
             got = sorted(d) if isinstance(d, dict) else type(d).__name__
-            raise ValueError(f"expected a tokenizer dict with keys {sorted(expected)}, got {got}")
+            raise ValueError(f"expected a tokenizer dict with keys {sorted(required)} (and optionally "
+                             f"{sorted(optional)}), got {got}")
         if not isinstance(d["vocab"], list) or not all(isinstance(w, str) for w in d["vocab"]):
             raise ValueError(f"tokenizer dict: 'vocab' should be a list of strings, got {d['vocab']!r}")
-        return cls(d["vocab"], d["max_length"])  # the constructor checks the words and max_length
+        return cls(d["vocab"], d["max_length"], d.get("unk", False))  # the constructor checks every field
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Tokenizer) and self.to_dict() == other.to_dict()
 
     def __repr__(self) -> str:
-        return f"Tokenizer({len(self.words)} words, max_length={self.max_length})"
+        return f"Tokenizer({len(self.words)} words{' + [unk]' if self.unk_id is not None else ''}, " \
+               f"max_length={self.max_length})"
 
 
 # ----------------------------------------------------------------------------- transformer
@@ -184,7 +216,7 @@ class TextEncoder(nn.Module):
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
         if cfg.vocab_size <= len(SPECIAL_TOKENS):
-            raise ValueError(f"TextEncoderConfig.vocab_size must count the words plus [pad] and [bos] "
+            raise ValueError(f"TextEncoderConfig.vocab_size must count the words plus [pad], [bos] (and [unk]) "
                              f"(set it to tokenizer.vocab_size), got {cfg.vocab_size}")
         if cfg.max_length < 1 or cfg.depth < 0:
             raise ValueError(f"need max_length >= 1 and depth >= 0, got {cfg.max_length} and {cfg.depth}")

@@ -3,6 +3,7 @@ import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -124,7 +125,6 @@ def test_guidance_one_is_the_conditional_path_and_zero_the_unconditional_one():
     ("class", {"prompt": "a red 7 on grass"}, "class-conditional.*class_labels="),
     ("text", {"class_labels": [1]}, "text-to-image.*prompt="),
     ("none", {"class_labels": [1]}, "unconditional"),
-    ("text", {"prompt": "a purple 7 on grass"}, "unknown word 'purple'"),
     ("text", {"prompt": ["a red 7", 3]}, "prompt"),
     ("class", {"class_labels": [3, 10]}, r"\[10\] out of range; valid labels: 0..9"),
     ("class", {"class_labels": -1}, "out of range"),
@@ -137,7 +137,7 @@ def test_guidance_one_is_the_conditional_path_and_zero_the_unconditional_one():
     ("class", {"num_inference_steps": 1001}, r"1\.\.1000"),
     ("class", {"num_inference_steps": 2.5}, "integer"),
     ("class", {"sampler": "euler"}, "unknown sampler 'euler'; valid samplers: ddim, ddpm"),
-    ("class", {"output_type": "numpy"}, "unknown output_type 'numpy'; valid: pil, tensor"),
+    ("class", {"output_type": "numpy"}, "unknown output_type 'numpy'; valid: pil, np, pt, latent, tensor"),
     ("class", {"eta": 1.5}, "eta"),
     ("class", {"num_images": 0}, "num_images must be an integer >= 1"),
     ("class", {"precision": "fp8"}, "precision"),
@@ -214,6 +214,7 @@ def edit_json(path, **changes) -> None:
     ("denoiser/config.json", {"model": "dit"}, "denoiser/config.json"),
     ("scheduler/config.json", {"schedule": "quadratic"}, "scheduler/config.json"),
     ("text_encoder/config.json", {"tokenizer.vocab": ["a", "red"]}, "text_encoder/config.json"),
+    ("text_encoder/config.json", {"tokenizer.unk": False}, "text_encoder/config.json"),  # one id short
     ("autoencoder/config.json", {"config.z_channels": 8}, "autoencoder/model.pt"),
 ])
 def test_a_mismatched_file_is_a_checkpoint_error_naming_it(tmp_path, name, changes, match):
@@ -226,3 +227,58 @@ def test_a_mismatched_file_is_a_checkpoint_error_naming_it(tmp_path, name, chang
 def test_a_missing_folder_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="nowhere"):
         LatentDiffusionPipeline.from_pretrained(tmp_path / "nowhere")
+
+
+# ----------------------------------------------------------------------------- diffusers' output types
+def test_output_types_follow_diffusers_conventions():
+    """"pt" and "np" are images in [0, 1] (diffusers' VaeImageProcessor.postprocess), our "tensor" the same
+    images in [-1, 1]; "latent" is the scaled z0 before decoding; "pil" the same pixels as 8-bit images."""
+    pipe = make("text")
+    out = {t: pipe(prompt=["a red 7 on grass", "a blue 1 on plain"], num_inference_steps=2, precision="fp32",
+                   generator=gen(), output_type=t).images for t in ("tensor", "pt", "np", "pil", "latent")}
+    x = out["tensor"]  # (2, 3, 32, 32) in [-1, 1]
+    assert x.shape == (2, 3, 32, 32) and x.min() < 0
+    torch.testing.assert_close(out["pt"], (x + 1) / 2)
+    assert isinstance(out["np"], np.ndarray) and out["np"].dtype == np.float32 and out["np"].shape == (2, 32, 32, 3)
+    np.testing.assert_allclose(out["np"], out["pt"].permute(0, 2, 3, 1).numpy())  # (B, H, W, C)
+    assert 0 <= out["np"].min() and out["np"].max() <= 1
+    assert len(out["pil"]) == 2 and np.array_equal(np.asarray(out["pil"][0]), np.round(out["np"][0] * 255))
+    z0 = out["latent"]  # scaled, as the denoiser made it: decode(z0 / scale_factor) renders the images
+    assert z0.shape == (2, 4, 8, 8)
+    with torch.no_grad():
+        decoded = pipe.autoencoder.decode(z0 / pipe.autoencoder.scale_factor).clamp(-1, 1)
+    torch.testing.assert_close(decoded, x)
+
+
+# ----------------------------------------------------------------------------- prompts outside the vocabulary
+def test_unknown_words_warn_and_still_sample():
+    pipe = make("text")
+    with pytest.warns(UserWarning, match=r"\['purple'\] encoded as \[unk\]"):
+        x = pipe(prompt="a purple 7 on grass", generator=gen(), **FAST).images
+    assert x.shape == (1, 3, 32, 32) and torch.isfinite(x).all()
+    with pytest.warns(UserWarning, match="longer than 5 words"):  # cut to the tokenizer's length, like diffusers
+        pipe(prompt="a red 7 on grass today", generator=gen(), **FAST)
+
+
+def test_a_pipeline_saved_before_unk_loads_and_samples_the_same(tmp_path):
+    """A text pipeline saved before [unk] existed: its tokenizer dict has no "unk" key and its encoder one
+    embedding row fewer. It loads, gives the images the same weights give today, and refuses unknown words."""
+    from ldm_scratch.text import Tokenizer as Tok
+    new = make("text")
+    old_tok = Tok(new.tokenizer.words, new.tokenizer.max_length, unk=False)
+    old_te = TextEncoder(dataclasses.replace(new.text_encoder.cfg, vocab_size=old_tok.vocab_size))
+    state = dict(new.text_encoder.state_dict())
+    state["token_emb.weight"] = state["token_emb.weight"][:-1]  # every row but [unk]'s, the last
+    old_te.load_state_dict(state)
+    LatentDiffusionPipeline(new.autoencoder, new.denoiser, new.diffusion, old_tok, old_te).save_pretrained(tmp_path)
+    index = tmp_path / "text_encoder" / "config.json"
+    d = json.loads(index.read_text())
+    del d["tokenizer"]["unk"]  # exactly the old file: {"vocab": [...], "max_length": L}
+    index.write_text(json.dumps(d))
+    old = LatentDiffusionPipeline.from_pretrained(tmp_path)
+    assert old.tokenizer.unk_id is None and old.text_encoder.cfg.vocab_size == new.tokenizer.vocab_size - 1
+    prompts = ["a red 7 on grass", "a blue 1 on plain"]
+    torch.testing.assert_close(old(prompt=prompts, generator=gen(), **FAST).images,
+                               new(prompt=prompts, generator=gen(), **FAST).images)
+    with pytest.raises(ValueError, match="unknown word 'purple'.*without \\[unk\\]"):
+        old(prompt="a purple 7 on grass", **FAST)

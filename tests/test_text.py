@@ -1,12 +1,14 @@
-"""The prompt encoder: the tokenizer round-trips and explains its errors; the transformer gives one
-feature per token, ignores padding, trains end to end and runs under bf16 autocast."""
+"""The prompt encoder: the tokenizer round-trips, explains its errors, cuts long prompts and maps unknown words
+to [unk] with a warning (and loads a vocabulary saved before [unk] existed); the transformer gives one feature
+per token, ignores padding, trains end to end and runs under bf16 autocast."""
 import json
+import warnings
 
 import pytest
 import torch
 
 from ldm_scratch.config import TextEncoderConfig
-from ldm_scratch.text import BOS_ID, PAD_ID, TextEncoder, Tokenizer
+from ldm_scratch.text import BOS_ID, PAD_ID, UNK, TextEncoder, Tokenizer
 
 CAPTIONS = ["a red 7 on grass", "an orange 3 on plain", "a blue 0 on brick"]
 
@@ -24,7 +26,8 @@ def make_encoder(tok: Tokenizer, **kw) -> TextEncoder:
 
 def test_from_captions_vocab_and_length(tok):
     assert tok.words == sorted(tok.words) and "grass" in tok.words and "an" in tok.words
-    assert tok.vocab_size == len(tok.words) + 2
+    assert tok.vocab_size == len(tok.words) + 3  # [pad], [bos], the words, [unk]
+    assert tok.unk_id == tok.vocab_size - 1 and tok.itos[tok.unk_id] == UNK
     assert tok.max_length == 6  # five words + [bos]
 
 
@@ -45,16 +48,41 @@ def test_empty_prompt_is_bos_alone(tok):
     assert tok.decode(ids) == [""]
 
 
-def test_unknown_word_names_it_and_lists_vocab(tok):
+def test_unknown_words_become_unk_with_one_warning_listing_them(tok):
+    with pytest.warns(UserWarning) as record:
+        ids, mask = tok.encode(["a red 7 on grass", "a purple 7 on pink", "a purple 0"])
+    assert len(record) == 1  # one warning per call, every unknown word in it once
+    msg = str(record[0].message)
+    assert "['purple', 'pink']" in msg and UNK in msg and all(w in msg for w in tok.words)
+    assert ids[1].tolist()[:6] == [BOS_ID, tok.stoi["a"], tok.unk_id, tok.stoi["7"], tok.stoi["on"], tok.unk_id]
+    assert mask[1].all()  # [unk] is a real token: "7" stays at the position it was trained at
+    assert tok.decode(ids[1:]) == ["a [unk] 7 on [unk]", "a [unk] 0"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # known words: no warning at all
+        tok.encode(CAPTIONS)
+
+
+def test_too_long_prompt_is_cut_with_a_warning_naming_it_and_the_limit(tok):
+    with pytest.warns(UserWarning, match=r"longer than 5 words .* 'a red 7 on red grass'"):
+        ids, _ = tok.encode(["a red 7 on red grass", "a red 7"])
+    assert tok.decode(ids) == ["a red 7 on red", "a red 7"]  # the first max_length - 1 = 5 words
+
+
+def test_a_tokenizer_saved_before_unk_keeps_its_ids_and_its_error(tok):
+    """Old text_encoder/config.json files hold {"vocab", "max_length"}: no [unk], no embedding row for it."""
+    old = Tokenizer.from_dict({"vocab": tok.words, "max_length": tok.max_length})
+    assert old.unk_id is None and old.vocab_size == tok.vocab_size - 1  # its encoder's embedding table size
+    assert torch.equal(old.encode(CAPTIONS)[0], tok.encode(CAPTIONS)[0])  # [unk] is last: word ids unchanged
+    assert Tokenizer.from_dict(old.to_dict()) == old and old.to_dict()["unk"] is False
     with pytest.raises(ValueError) as e:
-        tok.encode(["a red 7 on grass", "a purple 7 on grass"])
+        old.encode(["a red 7 on grass", "a purple 7 on grass"])
     msg = str(e.value)
-    assert "'purple'" in msg and all(w in msg for w in tok.words)
+    assert "'purple'" in msg and all(w in msg for w in tok.words) and "without [unk]" in msg
+    with pytest.warns(UserWarning, match="longer than 5 words"):  # cutting needs no new token: old ones do it too
+        old.encode("a red 7 on red grass")
 
 
-def test_too_long_and_non_string(tok):
-    with pytest.raises(ValueError, match="at most 5"):
-        tok.encode("a red 7 on red grass")
+def test_non_string_prompts(tok):
     with pytest.raises(ValueError, match="string"):
         tok.encode(["a red 7", 7])
     with pytest.raises(ValueError):
@@ -68,7 +96,8 @@ def test_dict_round_trip_and_validation(tok):
     assert torch.equal(tok2.encode(CAPTIONS)[0], tok.encode(CAPTIONS)[0])
     for bad in [None, {"vocab": ["a"]}, {"vocab": "abc", "max_length": 4}, {"vocab": ["a", 3], "max_length": 4},
                 {"vocab": ["a", "a"], "max_length": 4}, {"vocab": ["a"], "max_length": 0},
-                {"vocab": ["[pad]"], "max_length": 3}, {"vocab": ["a"], "max_length": 4, "extra": 1}]:
+                {"vocab": ["[pad]"], "max_length": 3}, {"vocab": ["a"], "max_length": 4, "extra": 1},
+                {"vocab": ["[unk]"], "max_length": 3}, {"vocab": ["a"], "max_length": 4, "unk": "yes"}]:
         with pytest.raises(ValueError):
             Tokenizer.from_dict(bad)
 
