@@ -247,6 +247,15 @@ def eval_labels(n_per_class: int) -> torch.Tensor:
     return torch.arange(NUM_CLASSES).repeat_interleave(n_per_class)
 
 
+def reference_digits(n: int) -> torch.Tensor:
+    """The n real digits (n, 1, 32, 32) that score_digits compares samples with: drawn with seed 0 from all
+    5,000 of MNIST-5k, the pool real_vs_real_fid draws its two sets from."""
+    from ldm_scratch.data import MNIST5k  # imported here: sampling must not need the data to load
+    from ldm_scratch.metrics import DIGIT_SHAPE
+    real = MNIST5k("all", pad_to=DIGIT_SHAPE[1]).images
+    return real[torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:n]]
+
+
 def score_digits(samples: torch.Tensor, labels: torch.Tensor, classifier: nn.Module | None = None) -> dict[str, float]:
     """Digit samples (n, 1, 32, 32) in [-1, 1] asked for `labels` (n,): conditional accuracy, classifier-FID
     against n real digits and the real-vs-real FID at the same n (the floor FID can reach).
@@ -256,13 +265,10 @@ def score_digits(samples: torch.Tensor, labels: torch.Tensor, classifier: nn.Mod
     that copied its training digits would also score near the floor, so read the FID beside the
     accuracy and the grids, not alone.
     """
-    from ldm_scratch.data import MNIST5k  # imported here: sampling must not need the data to load
-    from ldm_scratch.metrics import (DIGIT_SHAPE, classifier_fid, conditional_accuracy, load_classifier,
-                                     real_vs_real_fid)
-    real = MNIST5k("all", pad_to=DIGIT_SHAPE[1]).images
+    from ldm_scratch.metrics import classifier_fid, conditional_accuracy, load_classifier, real_vs_real_fid
     n = len(samples)
     classifier = classifier if classifier is not None else load_classifier()
-    reference = real[torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:n]]
+    reference = reference_digits(n)
     return {"cond_acc": conditional_accuracy(samples, labels, classifier),
             "fid": classifier_fid(samples, reference, classifier),
             "fid_real_vs_real": real_vs_real_fid(n, classifier), "n": n}

@@ -100,7 +100,7 @@ class LatentDiffusionTask:
                              f"{self.pipeline.conditioning!r} model (num_classes={denoiser_cfg.num_classes}, "
                              f"context_dim={denoiser_cfg.context_dim})")
         if conditioning == "text":
-            tokenizer.encode(self.grid_prompts)  # an unknown word fails now, not at the first grid
+            tokenizer.encode(self.grid_prompts)  # an unknown word warns now (it becomes [unk]), not at the first grid
             self.null_ids, self.null_mask = tokenizer.encode("")  # (1, L): [bos] alone, the CFG null
         self.ae_sha256 = autoencoder_fingerprint(ae, ae_folder)  # for the record: which latent space
         # The EMA covers everything trained: the denoiser and, for text, the text encoder.

@@ -18,7 +18,8 @@ second, independent network (metrics.second_eye_distance), each beside its real-
     python scripts/sweep_defaults.py --denoiser unet --lr 5e-4 --out runs/sweep/unet_lr5e-4
     python scripts/sweep_defaults.py --denoiser dit --preset dit-small-latent --lr 3e-3 --out runs/sweep/dit_lr3e-3
 
-Writes OUT/sweep.json (one row per snapshot x average x sampler) and prints a table. Step counts, not
+Writes OUT/sweep.json (one row per snapshot x average x sampler), prints a table, and saves the default
+average's pipeline as OUT/pipeline. Step counts, not
 minutes, are what the runs share: lr, betas and the averages do not change the time a step takes, so equal
 steps are equal wall time (the README converts steps to minutes at the idle-machine step time).
 """
@@ -37,7 +38,7 @@ from ldm_scratch.__main__ import build_parser  # noqa: E402
 from ldm_scratch.cli.stage3 import prepare_latent  # noqa: E402
 from ldm_scratch.ema import EMA  # noqa: E402
 from ldm_scratch.metrics import real_vs_real_fid, second_eye_distance  # noqa: E402
-from ldm_scratch.stage2 import eval_labels, score_digits  # noqa: E402
+from ldm_scratch.stage2 import eval_labels, reference_digits, score_digits  # noqa: E402
 from ldm_scratch.train import Trainer  # noqa: E402
 
 AVERAGES = {"fixed-0.999": (0.999, False), "fixed-0.995": (0.995, False),
@@ -94,7 +95,7 @@ def main() -> None:
                     x = pipe(class_labels=labels, num_inference_steps=k, guidance_scale=a.guidance, sampler=sampler,
                              eta=eta, output_type="tensor", generator=torch.Generator().manual_seed(a.seed)).images
                     row = {"step": step, "average": name, "sampler": f"{sampler}-{k} eta {eta:g}",
-                           **score_digits(x, labels), "eye": second_eye_distance(x, reference(n)), **floors,
+                           **score_digits(x, labels), "eye": second_eye_distance(x, reference_digits(n)), **floors,
                            "sample_s": time.time() - start, "train_min": train_time[0] / 60}
                     rows.append(row)
                     print(f"step {step:5d} {name:14s} {row['sampler']:16s} acc {row['cond_acc']:.3f} "
@@ -120,13 +121,9 @@ def main() -> None:
             return logs
 
     SweepTrainer(task, train_cfg, data, out).fit()
-
-
-def reference(n: int) -> torch.Tensor:
-    """The n real digits score_digits compares with (drawn with seed 0 from all of MNIST-5k)."""
-    from ldm_scratch.data import MNIST5k
-    real = MNIST5k("all", pad_to=32).images
-    return real[torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:n]]
+    if "warmup-0.9999" in averages:  # the default average's pipeline, for scripts/sampler_steps.py
+        folder = task.finish(out, averages["warmup-0.9999"], step=steps, grid=False)
+        print(f"saved {folder} (the default average, warmup-0.9999)")
 
 
 if __name__ == "__main__":
