@@ -73,11 +73,19 @@ class DDPMObjective:
     """DDPM (eps or v prediction) through the Objective interface: every call goes to GaussianDiffusion."""
 
     name = "ddpm"
-    sampler_names = ("ddim", "ddpm")   # the same order as the pipeline's SAMPLERS: DDIM is the default
+    sampler_names = ("ddim", "ddpm")   # DDIM first: the pipeline's default sampler, as before objectives
 
     def __init__(self, cfg: DiffusionConfig | None = None):
         self.diffusion = GaussianDiffusion(cfg)
         self.cfg, self.T = self.diffusion.cfg, self.diffusion.T
+
+    @classmethod
+    def from_diffusion(cls, diffusion: GaussianDiffusion) -> DDPMObjective:
+        """Wrap an existing GaussianDiffusion (that object itself, not a copy): how a pipeline built from a
+        GaussianDiffusion, as every caller did before objectives, gets its objective."""
+        obj = cls.__new__(cls)
+        obj.diffusion, obj.cfg, obj.T = diffusion, diffusion.cfg, diffusion.T
+        return obj
 
     def draw(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
              device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:

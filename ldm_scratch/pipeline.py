@@ -1,8 +1,9 @@
 """The three rooms in one object: LatentDiffusionPipeline (Rombach et al. 2022, Sec. 3 and Fig. 3).
 
     prompt -> Tokenizer -> TextEncoder tau(y) -> context (B, N, D)     (or class labels, or nothing)
-    z_T ~ N(0, I) (B, c, h, w) -> DDIM / DDPM steps of the denoiser eps_theta(z_t, t, cond), with
-        classifier-free guidance (Ho & Salimans 2022) as ONE batched forward on [cond; null] -> z0
+    z_T ~ N(0, I) (B, c, h, w) -> the objective's sampler (DDPM: DDIM / DDPM steps of eps_theta(z_t, t, cond);
+        rectified flow: Euler / Heun steps of v_theta), with classifier-free guidance (Ho & Salimans 2022)
+        as ONE batched forward on [cond; null] -> z0
     z0 / scale_factor -> AutoencoderKL.decode -> images (B, C, H, W) in [-1, 1], decoded once
     -> output_type: diffusers' "pil", "np", "pt" (both in [0, 1]) or "latent" (z0, undecoded), or our "tensor"
 
@@ -11,7 +12,9 @@ renders only the final z0. A trained pipeline is a local folder laid out like di
     model_index.json          which denoiser, which conditioning, package versions
     autoencoder/              config.json + model.pt (AutoencoderKL's own format; scale_factor inside)
     denoiser/                 config.json {"model": "unet" | "dit", "config": {...}} + model.pt
-    scheduler/config.json     the DiffusionConfig (T, betas, prediction)
+    scheduler/config.json     the objective's to_dict() (objectives.py): {"objective": "ddpm", T, betas, ...}
+                              or {"objective": "flow", t_sampling, shift, ...}; a plain DiffusionConfig
+                              (no "objective" key, the format before objectives) loads as DDPM
     text_encoder/             config.json (TextEncoderConfig + the tokenizer's vocabulary) + model.pt
 Every file is written atomically; every missing, corrupt or mismatched file is a CheckpointError
 naming it. This file holds no training code: stage3.py trains what it assembles.
@@ -32,14 +35,14 @@ from torch import Tensor, nn
 from ldm_scratch import __version__
 from ldm_scratch.autoencoder import AutoencoderKL
 from ldm_scratch.checkpoint import CheckpointError, atomic_json_save, load_model_folder, read_json, save_model_folder
-from ldm_scratch.config import DiffusionConfig, TextEncoderConfig, UNetConfig, config_from_dict, config_to_dict
+from ldm_scratch.config import TextEncoderConfig, UNetConfig, config_from_dict, config_to_dict
 from ldm_scratch.device import autocast, resolve_precision
 from ldm_scratch.diffusion import GaussianDiffusion
+from ldm_scratch.objectives import DDPMObjective, Objective, objective_from_dict
 from ldm_scratch.text import TextEncoder, Tokenizer
 from ldm_scratch.unet import UNet
 
 CONDITIONINGS = ("class", "text", "none")
-SAMPLERS = ("ddim", "ddpm")
 # diffusers' four names (VaeImageProcessor.postprocess), then ours: "tensor" is the decoder's own [-1, 1] range,
 # what our metrics and image grids read. See `postprocess` for each one's shape and range.
 OUTPUT_TYPES = ("pil", "np", "pt", "latent", "tensor")
@@ -107,10 +110,18 @@ def postprocess(x: Tensor, output_type: str) -> list[Image.Image] | np.ndarray |
 
 
 class LatentDiffusionPipeline:
-    """autoencoder + denoiser + noise schedule (+ tokenizer and text encoder): sample images in one call."""
+    """autoencoder + denoiser + objective (+ tokenizer and text encoder): sample images in one call.
 
-    def __init__(self, autoencoder: AutoencoderKL, denoiser: nn.Module, diffusion: GaussianDiffusion,
+    `objective`: an Objective (objectives.py: DDPMObjective or flow.RectifiedFlow), or a GaussianDiffusion,
+    which is wrapped into a DDPMObjective around that same object (how every pipeline was built before)."""
+
+    def __init__(self, autoencoder: AutoencoderKL, denoiser: nn.Module, objective: Objective | GaussianDiffusion,
                  tokenizer: Tokenizer | None = None, text_encoder: TextEncoder | None = None):
+        if isinstance(objective, GaussianDiffusion):
+            objective = DDPMObjective.from_diffusion(objective)
+        if not isinstance(objective, Objective):
+            raise ValueError(f"objective must be an Objective (DDPMObjective, RectifiedFlow) or a GaussianDiffusion; "
+                             f"got {type(objective).__name__}")
         self.kind = denoiser_kind(denoiser)
         cfg = denoiser.cfg
         if (tokenizer is None) != (text_encoder is None):
@@ -120,7 +131,7 @@ class LatentDiffusionPipeline:
                              f"z_channels={autoencoder.cfg.z_channels}")
         if cfg.out_channels != cfg.in_channels:  # e.g. a DiT with learn_sigma: eps plus a variance
             raise ValueError(f"the denoiser outputs {cfg.out_channels} channels for {cfg.in_channels} in; "
-                             "L_simple trains eps alone (no learned variance): use out_channels = in_channels, "
+                             "the objective trains one target (eps or v) alone (no learned variance): use out_channels = in_channels, "
                              "learn_sigma=False")
         if cfg.context_dim:
             if text_encoder is None:
@@ -139,8 +150,16 @@ class LatentDiffusionPipeline:
             raise ValueError("a text encoder was given but the denoiser has no cross-attention (context_dim=0)")
         else:
             self.conditioning = "class" if cfg.num_classes else "none"
-        self.autoencoder, self.denoiser, self.diffusion = autoencoder, denoiser, diffusion
+        self.autoencoder, self.denoiser, self.objective = autoencoder, denoiser, objective
         self.tokenizer, self.text_encoder = tokenizer, text_encoder
+
+    @property
+    def diffusion(self) -> GaussianDiffusion:
+        """The GaussianDiffusion of a DDPM pipeline (what pipe.diffusion was before objectives)."""
+        if not isinstance(self.objective, DDPMObjective):
+            raise AttributeError(f"this pipeline's objective is {self.objective.name!r}, not DDPM: it has no "
+                                 "GaussianDiffusion; use pipe.objective")
+        return self.objective.diffusion
 
     def modules(self) -> list[nn.Module]:
         return [m for m in (self.autoencoder, self.denoiser, self.text_encoder) if m is not None]
@@ -158,22 +177,27 @@ class LatentDiffusionPipeline:
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, class_labels: int | list[int] | Tensor | None = None,
                  num_images: int | None = None, num_inference_steps: int = 30, guidance_scale: float = 3.0,
-                 generator: torch.Generator | None = None, sampler: str = "ddim", eta: float = 0.0,
+                 generator: torch.Generator | None = None, sampler: str | None = None, eta: float = 0.0,
                  output_type: str = "pil", precision: str = "auto", batch_size: int = 256,
-                 progress: bool = False) -> PipelineOutput:
+                 progress: bool = False, shift: float | None = None) -> PipelineOutput:
         """Generate images for prompts (text model), class labels (class model), or neither (unconditional).
 
         num_images: images per prompt / label (default 1); with neither given, the number of
-        unconditional samples. guidance_scale w: eps_null + w (eps_cond - eps_null); 1 = no guidance,
-        and it is ignored (taken as 1) when there is no condition to guide towards. DDPM always runs
-        all T steps (num_inference_steps is DDIM's). Deterministic given `generator` (on this device).
+        unconditional samples. guidance_scale w: eps_null + w (eps_cond - eps_null) (flow: on v); 1 = no
+        guidance, and it is ignored (taken as 1) when there is no condition to guide towards.
+        sampler: one of objective.sampler_names (default its first: "ddim" for DDPM, "euler" for flow).
+        DDPM always runs all T steps (num_inference_steps is DDIM's); eta is DDIM's noise, shift the flow's
+        timestep shift (default: the one saved in its config). Deterministic given `generator` (on this device).
         output_type: "pil" (default), "np" or "pt" (images in [0, 1], diffusers' conventions), "latent" (z0
         (N, c, h, w) in the scaled latent space, undecoded: decode(z0 / scale_factor) renders it), or "tensor"
         (ours: (N, C, H, W) in [-1, 1]); `postprocess` has the shapes.
         """
         device = self.device
+        sampler = self.objective.sampler_names[0] if sampler is None else sampler
         self._check_options(num_images, num_inference_steps, guidance_scale, sampler, eta, output_type,
-                            precision, batch_size)
+                            precision, batch_size, shift)
+        # the sampler's own options: DDIM's eta (no clip_x0: see below), or the flow's shift
+        options = dict(eta=eta, clip_x0=False) if isinstance(self.objective, DDPMObjective) else dict(shift=shift)
         for m in self.modules():
             m.eval()
         cond, null, n, guided = self._condition(prompt, class_labels, num_images or 1, device, precision)
@@ -184,14 +208,9 @@ class LatentDiffusionPipeline:
             B = min(batch_size, n - lo)
             c = _take(cond, lo, lo + B)
             with autocast(device, precision):
-                if sampler == "ddim":
-                    z0 = self.diffusion.sample_ddim(self.denoiser, (B, *shape), c, null, num_inference_steps, eta,
-                                                    guidance_scale=w, generator=generator, progress=progress,
-                                                    clip_x0=False, device=device)
-                else:
-                    z0 = self.diffusion.sample_ddpm(self.denoiser, (B, *shape), c, null, guidance_scale=w,
-                                                    generator=generator, progress=progress, clip_x0=False,
-                                                    device=device)
+                z0 = self.objective.sample(self.denoiser, (B, *shape), c, null, guidance_scale=w,
+                                           num_steps=num_inference_steps, sampler=sampler, generator=generator,
+                                           progress=progress, device=device, **options)
                 if output_type == "latent":  # diffusers: the scaled z0 as the denoiser made it, never decoded
                     out.append(z0.float())
                     continue
@@ -203,19 +222,27 @@ class LatentDiffusionPipeline:
         return PipelineOutput(images if output_type == "latent" else postprocess(images, output_type))
 
     def _check_options(self, num_images, num_inference_steps, guidance_scale, sampler, eta, output_type,
-                       precision, batch_size) -> None:
-        """Every option checked before any work, each error saying what was expected and what was given."""
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
+                       precision, batch_size, shift) -> None:
+        """Every option checked before any work, each error saying what was expected and what was given;
+        the sampler, its step count and the guidance by the objective (check_sample_args)."""
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"unknown output_type {output_type!r}; valid: {', '.join(OUTPUT_TYPES)}")
-        T = self.diffusion.T
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) \
-                or not 1 <= num_inference_steps <= T:
-            raise ValueError(f"num_inference_steps must be an integer in 1..{T} (the training T); "
-                             f"got {num_inference_steps!r}")
         if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance); got {guidance_scale!r}")
+        if isinstance(self.objective, DDPMObjective):
+            T = self.objective.T  # DDPM samples all T steps whatever num_inference_steps says, but checks it too
+            if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) \
+                    or not 1 <= num_inference_steps <= T:
+                raise ValueError(f"num_inference_steps must be an integer in 1..{T} (the training T); "
+                                 f"got {num_inference_steps!r}")
+            if shift is not None:
+                raise ValueError(f"shift is a rectified-flow sampling option; this pipeline is DDPM (got {shift})")
+            self.objective.check_sample_args(num_inference_steps, sampler, guidance_scale)
+        else:
+            if eta != 0:
+                raise ValueError(f"eta is DDIM's noise; this pipeline's objective is {self.objective.name!r}, whose "
+                                 f"samplers ({', '.join(self.objective.sampler_names)}) take none (got {eta})")
+            self.objective.check_sample_args(num_inference_steps, sampler, guidance_scale, shift=shift)
         if not 0 <= eta <= 1:
             raise ValueError(f"eta must be in [0, 1] (0 = deterministic DDIM, 1 = DDPM's variance); got {eta}")
         for name, value in (("num_images", num_images), ("batch_size", batch_size)):
@@ -265,7 +292,7 @@ class LatentDiffusionPipeline:
         self.autoencoder.save_pretrained(folder / "autoencoder")
         save_model_folder(folder / "denoiser", self.denoiser,
                           {"model": self.kind, "config": config_to_dict(self.denoiser.cfg)})
-        atomic_json_save(config_to_dict(self.diffusion.cfg), folder / "scheduler" / "config.json")
+        atomic_json_save(self.objective.to_dict(), folder / "scheduler" / "config.json")
         components = ["autoencoder", "denoiser", "scheduler"]
         if self.text_encoder is not None:
             save_model_folder(folder / "text_encoder", self.text_encoder,
@@ -301,7 +328,7 @@ class LatentDiffusionPipeline:
         if made != conditioning:
             raise CheckpointError(f"{index_file}: says conditioning {conditioning!r}, but the saved denoiser makes a "
                                   f"{made!r} model (num_classes / context_dim in denoiser/config.json)")
-        diffusion = _load_scheduler(folder / "scheduler" / "config.json")
+        objective = _load_scheduler(folder / "scheduler" / "config.json")
         tokenizer = text_encoder = None
         if conditioning == "text":
             tokenizers: list[Tokenizer] = []
@@ -309,7 +336,7 @@ class LatentDiffusionPipeline:
                                                 lambda d: _build_text_encoder(d, tokenizers), map_location)
             tokenizer = tokenizers[0]
         try:
-            pipe = cls(autoencoder, denoiser, diffusion, tokenizer, text_encoder)
+            pipe = cls(autoencoder, denoiser, objective, tokenizer, text_encoder)
         except ValueError as e:
             raise CheckpointError(f"{folder}: the saved components do not fit together: {e}") from None
         for m in pipe.modules():
@@ -371,10 +398,11 @@ def _build_text_encoder(d: dict, tokenizers: list[Tokenizer]) -> TextEncoder:
     return TextEncoder(cfg)
 
 
-def _load_scheduler(path: Path) -> GaussianDiffusion:
+def _load_scheduler(path: Path) -> Objective:
+    """The objective of scheduler/config.json; a plain DiffusionConfig dict (saved before objectives) is DDPM."""
     try:
-        return GaussianDiffusion(config_from_dict(DiffusionConfig, read_json(path), str(path)))
+        return objective_from_dict(read_json(path), str(path))
     except CheckpointError:
         raise
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: cannot build the noise schedule: {e}") from None
+        raise CheckpointError(f"{path}: cannot build the objective: {e}") from None

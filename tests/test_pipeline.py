@@ -13,6 +13,8 @@ from ldm_scratch.checkpoint import CheckpointError
 from ldm_scratch.config import (AUTOENCODER_PRESETS, DIT_PRESETS, UNET_PRESETS, DiffusionConfig, TextEncoderConfig,
                                 UNetConfig, get_preset)
 from ldm_scratch.diffusion import GaussianDiffusion
+from ldm_scratch.flow import FlowConfig, RectifiedFlow
+from ldm_scratch.objectives import DDPMObjective
 from ldm_scratch.pipeline import LatentDiffusionPipeline, build_denoiser
 from ldm_scratch.text import TextEncoder, Tokenizer
 from ldm_scratch.unet import UNet
@@ -136,7 +138,8 @@ def test_guidance_one_is_the_conditional_path_and_zero_the_unconditional_one():
     ("class", {"num_inference_steps": 0}, r"1\.\.1000"),
     ("class", {"num_inference_steps": 1001}, r"1\.\.1000"),
     ("class", {"num_inference_steps": 2.5}, "integer"),
-    ("class", {"sampler": "euler"}, "unknown sampler 'euler'; valid samplers: ddim, ddpm"),
+    ("class", {"sampler": "euler"}, "unknown sampler 'euler' for DDPM; valid samplers: ddim, ddpm"),
+    ("class", {"shift": 3.0}, "shift is a rectified-flow sampling option"),
     ("class", {"output_type": "numpy"}, "unknown output_type 'numpy'; valid: pil, np, pt, latent, tensor"),
     ("class", {"eta": 1.5}, "eta"),
     ("class", {"num_images": 0}, "num_images must be an integer >= 1"),
@@ -282,3 +285,77 @@ def test_a_pipeline_saved_before_unk_loads_and_samples_the_same(tmp_path):
                                new(prompt=prompts, generator=gen(), **FAST).images)
     with pytest.raises(ValueError, match="unknown word 'purple'.*without \\[unk\\]"):
         old(prompt="a purple 7 on grass", **FAST)
+
+
+# ---------------------------------------------------------------------------------- the objective (issue #13)
+def flow_pipeline(shift: float = 1.0) -> LatentDiffusionPipeline:
+    """make("class")'s parts with a rectified flow in place of DDPM."""
+    ddpm = make("class")
+    return LatentDiffusionPipeline(ddpm.autoencoder, ddpm.denoiser, RectifiedFlow(FlowConfig(shift=shift)))
+
+
+def test_a_gaussian_diffusion_is_wrapped_as_ddpm_around_the_same_object():
+    diffusion = GaussianDiffusion(DiffusionConfig())
+    pipe = LatentDiffusionPipeline(make("class").autoencoder, make("class").denoiser, diffusion)
+    assert isinstance(pipe.objective, DDPMObjective) and pipe.diffusion is diffusion
+    assert pipe.objective.sampler_names[0] == "ddim"   # the default sampler, as before objectives
+    with pytest.raises(ValueError, match="Objective .* or a GaussianDiffusion; got DiffusionConfig"):
+        LatentDiffusionPipeline(pipe.autoencoder, pipe.denoiser, DiffusionConfig())
+
+
+def test_a_ddpm_pipeline_samples_through_its_objective_as_it_did_directly():
+    """Bit-equal to the GaussianDiffusion call the pipeline made before objectives (DDIM, guidance, eta)."""
+    pipe = make("class")
+    for kw in (dict(eta=0.0), dict(eta=1.0)):
+        z = pipe(class_labels=[1, 2], generator=gen(5), guidance_scale=2.0, **{**FAST, "output_type": "latent"},
+                 **kw).images
+        direct = pipe.diffusion.sample_ddim(pipe.denoiser, (2, 4, 8, 8), torch.tensor([1, 2]),
+                                            pipe.denoiser.null_class, num_steps=3, eta=kw["eta"], guidance_scale=2.0,
+                                            generator=gen(5), progress=False, clip_x0=False)
+        assert torch.equal(z, direct)
+
+
+def test_a_flow_pipeline_samples_saves_and_loads(tmp_path):
+    pipe = flow_pipeline(shift=2.0)
+    assert pipe.objective.name == "flow"
+    with pytest.raises(AttributeError, match="not DDPM"):
+        pipe.diffusion
+    images = {s: pipe(class_labels=[3, 7], sampler=s, generator=gen(1), **FAST).images for s in ("euler", "heun")}
+    assert images["euler"].shape == (2, 1, 32, 32) and not torch.equal(images["euler"], images["heun"])
+    # the default sampler is the objective's first: Euler
+    assert torch.equal(pipe(class_labels=[3, 7], generator=gen(1), **FAST).images, images["euler"])
+    # a shift given at the call overrides the saved one
+    assert not torch.equal(pipe(class_labels=[3, 7], generator=gen(1), shift=1.0, **FAST).images, images["euler"])
+    pipe.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "scheduler" / "config.json").read_text())
+    assert saved["objective"] == "flow" and saved["shift"] == 2.0
+    loaded = LatentDiffusionPipeline.from_pretrained(tmp_path)
+    assert isinstance(loaded.objective, RectifiedFlow) and loaded.objective.cfg == pipe.objective.cfg
+    for s, x in images.items():
+        assert torch.equal(loaded(class_labels=[3, 7], sampler=s, generator=gen(1), **FAST).images, x)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"sampler": "ddim"}, "unknown sampler 'ddim' for rectified flow; valid samplers: euler, heun"),
+    ({"sampler": "ddpm"}, "valid samplers: euler, heun"),
+    ({"eta": 0.5}, "eta is DDIM's noise.*'flow'"),
+    ({"shift": 0.0}, "shift must be a finite number > 0"),
+    ({"num_inference_steps": 0}, "num_steps must be an integer >= 1"),
+    ({"guidance_scale": -1.0}, "guidance_scale must be a finite number >= 0"),
+])
+def test_a_flow_pipeline_refuses_what_its_objective_lacks(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        flow_pipeline()(**{"class_labels": [1], "num_inference_steps": 1, **kwargs})
+
+
+def test_a_scheduler_saved_before_objectives_loads_as_ddpm(tmp_path):
+    """scheduler/config.json used to be a plain DiffusionConfig dict (no "objective" key)."""
+    pipe = make("class")
+    pipe.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "scheduler" / "config.json").read_text())["objective"] == "ddpm"
+    (tmp_path / "scheduler" / "config.json").write_text(json.dumps(
+        {"num_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "schedule": "linear", "prediction": "eps"}))
+    old = LatentDiffusionPipeline.from_pretrained(tmp_path)
+    assert isinstance(old.objective, DDPMObjective) and old.diffusion.cfg == pipe.diffusion.cfg
+    assert torch.equal(old(class_labels=[4], generator=gen(2), **FAST).images,
+                       pipe(class_labels=[4], generator=gen(2), **FAST).images)
