@@ -48,3 +48,9 @@ def test_demo_autoencoders_writes_models_grids_and_report(tmp_path):
     text = (out / "report.md").read_text()
     assert "astronaut" in text and "floor" in text.lower()
     assert list(out.glob("*.png")), "the demo should write reconstruction grids"
+
+
+def test_demo_refuses_a_non_positive_minutes_scale(tmp_path):
+    r = run("demo", "--quick", "--minutes-scale", "0", "--out", str(tmp_path / "demo"))
+    assert r.returncode != 0 and "--minutes-scale must be > 0" in r.stderr
+    assert not (tmp_path / "demo" / "autoencoder").exists()  # refused before any training

@@ -55,6 +55,9 @@ def add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="about 2 minutes in all instead of about 20")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every step count (tests use 0.1)")
+    p.add_argument("--minutes-scale", type=float, default=1.0,
+                   help="multiply every phase's time cap (on a machine shared with other jobs: the same steps, "
+                        "so the same results, just later)")
 
 
 def demo(args: argparse.Namespace) -> dict:
@@ -64,7 +67,9 @@ def demo(args: argparse.Namespace) -> dict:
     out, quick = Path(args.out), args.quick
     scale = args.steps_scale * (QUICK_STEPS if quick else 1.0)
     steps = lambda n: max(2, int(n * scale))  # noqa: E731
-    minutes = lambda m: QUICK_MINUTES if quick else m  # noqa: E731
+    if not args.minutes_scale > 0:
+        raise ValueError(f"--minutes-scale must be > 0; got {args.minutes_scale}")
+    minutes = lambda m: (QUICK_MINUTES if quick else m) * args.minutes_scale  # noqa: E731
     ev = QUICK_EVAL if quick else EVAL
     report: dict[str, Any] = {"quick": quick, "phases": {}, "prompts": list(PROMPTS)}
     clock = time.time()
