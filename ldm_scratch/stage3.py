@@ -1,8 +1,10 @@
 """Stage 3: latent diffusion as a training task (Rombach et al. 2022, Sec. 3.3 and 4).
 
 Where it sits: the autoencoder of stage 1 is finished and frozen; its scaled latents z0 = mode(q(z|x)) *
-scale_factor are encoded once (latents.py) and a denoiser, the U-Net or the DiT, learns L_simple on
-them (Sec. 3.3, Eq. 2 with the encoder's output in place of x: L_LDM = E ||eps - eps_theta(z_t, t, tau(y))||^2).
+scale_factor are encoded once (latents.py) and a denoiser, the U-Net or the DiT, learns the objective's loss
+on them: DDPM's L_simple (Sec. 3.3, Eq. 2 with the encoder's output in place of x: L_LDM =
+E ||eps - eps_theta(z_t, t, tau(y))||^2), or rectified flow's E ||(eps - z0) - v_theta(z_t, t, tau(y))||^2
+(flow.py, SD3's recipe). objectives.py holds both; the task never branches on which.
 train.py's Trainer runs this task; `finish` saves `out_dir/pipeline/` (pipeline.py) with the EMA weights.
 
 Conditioning, one of three:
@@ -13,8 +15,9 @@ Conditioning, one of three:
   "none":  batches z0 alone.
 Condition dropout (Ho & Salimans 2022, Algorithm 1): with probability p_uncond a label becomes the null
 class, a caption the empty prompt, so one network learns both halves of classifier-free guidance.
-The noise of a step (t, eps, the dropout coins) comes from stage2.draw_step_noise: a function of
-(seed, step), sliced per DDP rank, so resume is exact and 2 processes compute what 1 does.
+The noise of a step (t, eps, the dropout coins) is a function of (seed, step), drawn for the global batch
+and sliced per DDP rank, so resume is exact and 2 processes compute what 1 does (`draw_objective_noise`;
+for DDPM the very draws of stage2.draw_step_noise).
 """
 from __future__ import annotations
 
@@ -30,10 +33,11 @@ from torch.utils.data import TensorDataset
 from ldm_scratch.autoencoder import AutoencoderKL
 from ldm_scratch.config import DiffusionConfig, TextEncoderConfig, TrainConfig, config_to_dict
 from ldm_scratch.diffusion import GaussianDiffusion
+from ldm_scratch.objectives import DDPMObjective, Objective
 from ldm_scratch.latents import autoencoder_fingerprint, cached_latents, encode_images
 from ldm_scratch.pipeline import (CONDITIONINGS, DENOISERS, LatentDiffusionPipeline,  # noqa: F401 (re-exported)
                                   build_denoiser)
-from ldm_scratch.stage2 import GRID_COLS, GRID_SEED, SAMPLE_STEPS, draw_step_noise
+from ldm_scratch.stage2 import GRID_COLS, GRID_SEED, NOISE_SEED_STRIDE, SAMPLE_STEPS
 from ldm_scratch.text import TextEncoder, Tokenizer
 from ldm_scratch.train import EMA, save_image_grid
 
@@ -67,10 +71,27 @@ def latent_dataset(ae: AutoencoderKL, images: Tensor, labels: Tensor | None = No
     return TensorDataset(z0)
 
 
-class LatentDiffusionTask:
-    """The train.py task protocol for latent diffusion: a denoiser (+ text encoder) on cached latents."""
+def draw_objective_noise(objective: Objective, seed: int, step: int, z0: Tensor, rank: int = 0,
+                         world: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    """This rank's (t (B,), eps like z0, coin (B,) in [0, 1)) for `step`: objective.draw for the global batch of
+    world * B from a generator seeded by (seed, step), then the dropout coins from the same generator, then
+    this rank's slice. DDPMObjective.draw makes the calls of stage2.draw_step_noise in its order (randint,
+    randn, then rand here), so a DDPM run draws exactly what it drew before objectives (a test checks it)."""
+    B = z0.shape[0]
+    n = B * world                                          # the global batch
+    g = torch.Generator(z0.device).manual_seed(seed * NOISE_SEED_STRIDE + step)
+    t, eps = objective.draw((n, *z0.shape[1:]), g, z0.device)   # t first, then eps: the objective's own draw
+    coin = torch.rand(n, generator=g, device=z0.device)
+    mine = slice(rank * B, (rank + 1) * B)                 # Trainer gives rank r the r-th slice of the batch
+    return t[mine], eps[mine].to(z0.dtype), coin[mine]
 
-    def __init__(self, ae: AutoencoderKL, denoiser: str, denoiser_cfg: Any, diffusion_cfg: DiffusionConfig,
+
+class LatentDiffusionTask:
+    """The train.py task protocol for latent diffusion: a denoiser (+ text encoder) on cached latents.
+
+    `objective`: DDPMObjective or RectifiedFlow (objectives.py); a DiffusionConfig means DDPM with it."""
+
+    def __init__(self, ae: AutoencoderKL, denoiser: str, denoiser_cfg: Any, objective: Objective | DiffusionConfig,
                  conditioning: str, tokenizer: Tokenizer | None = None, text_cfg: TextEncoderConfig | None = None,
                  p_uncond: float = 0.1, seed: int = 0, guidance_scale: float = 3.0, precision: str = "auto",
                  sample_steps: int = SAMPLE_STEPS, grid_prompts: list[str] | None = None,
@@ -91,10 +112,10 @@ class LatentDiffusionTask:
         self.sample_steps, self.grid_prompts = sample_steps, list(grid_prompts or [])
         self.denoiser = build_denoiser(denoiser, denoiser_cfg)
         self.text_encoder = TextEncoder(text_cfg) if conditioning == "text" else None
-        self.diffusion = GaussianDiffusion(diffusion_cfg)
+        self.objective = DDPMObjective(objective) if isinstance(objective, DiffusionConfig) else objective
         # The pipeline holds the same modules (no copies): sample() and finish() go through it, and its
         # constructor checks that they fit (latent channels, context_dim = the text encoder's width).
-        self.pipeline = LatentDiffusionPipeline(self.ae, self.denoiser, self.diffusion, tokenizer, self.text_encoder)
+        self.pipeline = LatentDiffusionPipeline(self.ae, self.denoiser, self.objective, tokenizer, self.text_encoder)
         if self.pipeline.conditioning != conditioning:
             raise ValueError(f"conditioning={conditioning!r}, but the denoiser config makes a "
                              f"{self.pipeline.conditioning!r} model (num_classes={denoiser_cfg.num_classes}, "
@@ -125,9 +146,14 @@ class LatentDiffusionTask:
     def ema_module(self) -> nn.Module:
         return self.ema_group
 
+    @property
+    def diffusion(self) -> GaussianDiffusion:
+        """A DDPM task's GaussianDiffusion (task.diffusion before objectives); the pipeline says why a flow has none."""
+        return self.pipeline.diffusion
+
     def step_noise(self, step: int, z0: Tensor, cond: Tensor | tuple | None) -> tuple[Tensor, Tensor, Any]:
         """This rank's (t, eps, cond after dropout) for `step`. cond: labels (B,), (ids, mask), or None."""
-        t, eps, coin = draw_step_noise(self.seed, step, z0, self.diffusion.T, self.rank, self.world)
+        t, eps, coin = draw_objective_noise(self.objective, self.seed, step, z0, self.rank, self.world)
         drop = coin < self.p_uncond  # (B,): Ho & Salimans 2022, Algorithm 1, "c <- null with probability p_uncond"
         if self.conditioning == "class":
             return t, eps, torch.where(drop, torch.full_like(cond, self.denoiser.null_class), cond)
@@ -145,9 +171,10 @@ class LatentDiffusionTask:
         t, eps, cond = self.step_noise(step, z0, tuple(rest) if len(rest) > 1 else rest[0] if rest else None)
         if self.conditioning == "text":
             cond = (self.text_forward(*cond), cond[1])  # tau(y): (B, L) ids -> (B, L, D) context, with its mask
-        # Rombach et al. 2022, Eq. 2 (with the conditioning of Sec. 3.3): E ||eps - eps_theta(z_t, t, tau(y))||^2,
-        # z_t = sqrt(alpha_bar_t) z0 + sqrt(1 - alpha_bar_t) eps
-        return self.diffusion.loss(self.denoiser_forward, z0, cond, t=t, eps=eps), {}
+        # DDPM: Rombach et al. 2022, Eq. 2 (with the conditioning of Sec. 3.3): E ||eps - eps_theta(z_t, t, tau(y))||^2,
+        # z_t = sqrt(alpha_bar_t) z0 + sqrt(1 - alpha_bar_t) eps. Flow: E ||(eps - z0) - v_theta(z_t, t, tau(y))||^2,
+        # z_t = (1 - t) z0 + t eps.
+        return self.objective.loss(self.denoiser_forward, z0, cond, t=t, eps=eps), {}
 
     def _check_latents(self, z0: Tensor, rest: list) -> None:
         cfg = self.denoiser.cfg
@@ -164,7 +191,7 @@ class LatentDiffusionTask:
         """Saved in the training checkpoint, for the record."""
         return {"space": "latent", "denoiser": self.kind, "conditioning": self.conditioning,
                 "denoiser_config": config_to_dict(self.denoiser.cfg),
-                "diffusion": config_to_dict(self.diffusion.cfg),
+                "objective": self.objective.to_dict(),
                 "text_encoder": config_to_dict(self.text_encoder.cfg) if self.text_encoder is not None else None,
                 "tokenizer": self.tokenizer.to_dict() if self.tokenizer else None,
                 "autoencoder": config_to_dict(self.ae.cfg), "autoencoder_sha256": self.ae_sha256,
@@ -179,7 +206,8 @@ class LatentDiffusionTask:
 
     @torch.no_grad()
     def sample(self, step: int, out_dir: str | os.PathLike, name: str | None = None) -> Path:
-        """A decoded grid, GRID_COLS DDIM samples per row: a row per class, per grid prompt, or one row."""
+        """A decoded grid, GRID_COLS samples per row (the objective's default sampler): a row per class, per grid
+        prompt, or one row."""
         device = self.pipeline.device
         self.ae.to(device)  # not in modules(), so the Trainer did not move it
         kw = dict(num_images=GRID_COLS, num_inference_steps=self.sample_steps, guidance_scale=self.guidance_scale,
@@ -197,7 +225,8 @@ class LatentDiffusionTask:
         path = Path(out_dir) / "samples" / (name or f"samples_{step:06d}.png")
         w = self.guidance_scale if self.conditioning != "none" else 1.0
         save_image_grid(list(x.view(rows, GRID_COLS, *x.shape[1:])),  # (R*K, C, H, W) -> R x (K, C, H, W)
-                        path, title=f"step {step}: {what}; DDIM {self.sample_steps} steps, guidance {w:g}")
+                        path, title=f"step {step}: {what}; {self.objective.sampler_names[0]} {self.sample_steps} "
+                                    f"steps, guidance {w:g}")
         return path
 
     # ------------------------------------------------------------------ after training

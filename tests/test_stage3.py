@@ -9,9 +9,11 @@ from ldm_scratch.checkpoint import safe_torch_load
 from ldm_scratch.config import (AUTOENCODER_PRESETS, DIT_PRESETS, UNET_PRESETS, DiffusionConfig, TextEncoderConfig,
                                 get_preset)
 from ldm_scratch.data import ColoredDigits, MNIST5k
+from ldm_scratch.flow import FlowConfig, RectifiedFlow
+from ldm_scratch.objectives import DDPMObjective
 from ldm_scratch.pipeline import LatentDiffusionPipeline
-from ldm_scratch.stage2 import diffusion_train_config
-from ldm_scratch.stage3 import DENOISERS, LatentDiffusionTask, build_denoiser, latent_dataset
+from ldm_scratch.stage2 import diffusion_train_config, draw_step_noise
+from ldm_scratch.stage3 import DENOISERS, LatentDiffusionTask, build_denoiser, draw_objective_noise, latent_dataset
 from ldm_scratch.text import Tokenizer
 from ldm_scratch.train import Trainer
 
@@ -30,14 +32,14 @@ def make_ae(channels: int) -> AutoencoderKL:
                                              scale_factor=0.8))
 
 
-def class_task(kind: str = "unet", **kw) -> tuple[LatentDiffusionTask, torch.utils.data.TensorDataset]:
-    """Grey MNIST digits, labels 0..9."""
+def class_task(kind: str = "unet", objective=None, **kw) -> tuple[LatentDiffusionTask, torch.utils.data.TensorDataset]:
+    """Grey MNIST digits, labels 0..9; DDPM unless another objective is given."""
     ae, d = make_ae(1), MNIST5k("test")
     data = latent_dataset(ae, d.images[:N], labels=d.labels[:N], precision="fp32", progress=False)
     preset = get_preset(UNET_PRESETS, "tiny-latent") if kind == "unet" else get_preset(DIT_PRESETS, "dit-tiny")
     torch.manual_seed(0)
-    return LatentDiffusionTask(ae, kind, dataclasses.replace(preset, num_classes=10), DiffusionConfig(), "class",
-                               precision="fp32", sample_steps=2, **kw), data
+    return LatentDiffusionTask(ae, kind, dataclasses.replace(preset, num_classes=10), objective or DiffusionConfig(),
+                               "class", precision="fp32", sample_steps=2, **kw), data
 
 
 def text_task(colored: ColoredDigits, **kw) -> tuple[LatentDiffusionTask, torch.utils.data.TensorDataset]:
@@ -245,3 +247,47 @@ def test_default_ema_is_not_stuck_at_the_initial_weights(kind, tmp_path):
     assert ema < raw + 0.25 * (first - raw), f"default EMA {ema:.3f} vs raw {raw:.3f} (initial {first:.3f})"
     _, raw_old, ema_old = results["old default"]
     assert ema_old > raw_old + 0.5 * (first - raw_old), "the check no longer catches the old default's failure"
+
+
+# ---------------------------------------------------------------------------------- the objective (issue #13)
+def test_ddpm_training_draws_are_those_of_draw_step_noise():
+    """The objective seam changes no DDPM run: every (t, eps, coin) of a step, on every DDP rank, is bit-equal."""
+    z0 = torch.zeros(4, 4, 8, 8)
+    for seed, step, rank, world in ((0, 0, 0, 1), (3, 17, 0, 1), (1, 5, 1, 2)):
+        old = draw_step_noise(seed, step, z0, 1000, rank, world)
+        new = draw_objective_noise(DDPMObjective(DiffusionConfig()), seed, step, z0, rank, world)
+        assert all(torch.equal(a, b) for a, b in zip(old, new))
+
+
+def test_flow_training_draws_are_a_function_of_seed_and_step():
+    flow, z0 = RectifiedFlow(), torch.zeros(4, 4, 8, 8)
+    t, eps, coin = draw_objective_noise(flow, 2, 9, z0)
+    assert t.dtype == torch.float32 and ((t > 0) & (t < 1)).all() and eps.shape == z0.shape
+    assert all(torch.equal(a, b) for a, b in zip((t, eps, coin), draw_objective_noise(flow, 2, 9, z0)))
+    assert not torch.equal(t, draw_objective_noise(flow, 2, 10, z0)[0])
+    # two DDP ranks of 2 draw the two halves of one process's batch of 4
+    halves = [draw_objective_noise(flow, 2, 9, z0[:2], rank, 2) for rank in (0, 1)]
+    assert all(torch.equal(torch.cat([h[i] for h in halves]), full) for i, full in enumerate((t, eps, coin)))
+
+
+def test_a_flow_task_trains_saves_and_samples(tmp_path):
+    flow = RectifiedFlow(FlowConfig(t_sampling="uniform", shift=2.0))
+    task, data = class_task(objective=flow)
+    assert task.objective is flow and task.pipeline.objective is flow
+    assert task.config_dict()["objective"] == flow.to_dict()
+    with pytest.raises(AttributeError, match="not DDPM"):
+        task.diffusion
+    trainer = Trainer(task, train_cfg(), data, tmp_path)
+    trainer.fit()
+    assert trainer.step == 3
+    folder = task.finish(tmp_path, trainer.ema, step=trainer.step)
+    assert (tmp_path / "samples" / "final.png").is_file()
+    pipe = LatentDiffusionPipeline.from_pretrained(folder)
+    assert isinstance(pipe.objective, RectifiedFlow) and pipe.objective.cfg == flow.cfg
+    kw = dict(class_labels=[0, 5], num_inference_steps=3, output_type="tensor", precision="fp32")
+    trainer.ema.swap(task.ema_group)  # the saved (EMA) weights, in the task's own pipeline
+    for sampler in ("euler", "heun"):
+        x = pipe(sampler=sampler, generator=torch.Generator().manual_seed(0), **kw).images
+        assert x.shape == (2, 1, 32, 32) and torch.isfinite(x).all()
+        assert torch.equal(x, task.pipeline(sampler=sampler, generator=torch.Generator().manual_seed(0), **kw).images)
+    trainer.ema.swap(task.ema_group)
