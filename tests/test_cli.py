@@ -154,6 +154,9 @@ def test_latent_training_writes_pipeline_and_eval(autoencoders, tmp_path, capsys
     (["--autoencoder", "AE3", "--data", "mnist5k"], "takes 3"),          # 1-channel digits, 3-channel autoencoder
     (["--autoencoder", "AE1", "--conditioning", "text"], "--data colored"),  # no captions in mnist5k
     (["--autoencoder", "AE3", "--data", "colored", "--preset", "dit-tiny"], "not a 'unet' preset"),
+    (["--autoencoder", "AE1", "--objective", "flow", "--schedule", "cosine"], "--schedule: for --objective ddpm"),
+    (["--autoencoder", "AE1", "--t-sampling", "uniform", "--shift", "3"],
+     "--shift, --t-sampling: for --objective flow"),
 ])
 def test_latent_flag_errors_are_one_line(autoencoders, tmp_path, capsys, extra, expected):
     from ldm_scratch.__main__ import main
@@ -168,6 +171,35 @@ def test_pixel_space_refuses_latent_flags(capsys):
     from ldm_scratch.__main__ import main
     assert main(["train-diffusion", "--data", "colored", "--steps", "1"]) == 2
     assert "--space latent" in capsys.readouterr().err
+    assert main(["train-diffusion", "--objective", "flow", "--steps", "1"]) == 2  # pixel space: DDPM only, for now
+    assert "--objective flow: for --space latent" in capsys.readouterr().err
+
+
+def test_latent_flow_run_trains_evaluates_and_samples(autoencoders, tmp_path, capsys):
+    """--objective flow end to end: train, the evaluation through the pipeline's default sampler (Euler), the
+    saved objective, then `sample` with Euler (default) and Heun; DDPM's samplers and eta are refused."""
+    from ldm_scratch.__main__ import main
+    out = tmp_path / "run"
+    assert main(["train-diffusion", "--space", "latent", "--autoencoder", str(autoencoders / "ae1"),
+                 "--objective", "flow", "--t-sampling", "uniform", "--shift", "2", "--eval-per-class", "1",
+                 "--out", str(out), *LATENT_RUN]) == 0, capsys.readouterr().err[-2000:]
+    scheduler = json.loads((out / "pipeline" / "scheduler" / "config.json").read_text())
+    assert scheduler == {"objective": "flow", "t_sampling": "uniform", "logit_mean": 0.0, "logit_std": 1.0,
+                         "shift": 2.0}
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["objective"] == "flow" and 0 <= ev["eval"]["cond_acc"] <= 1
+    base = ["sample", "--model", str(out / "pipeline"), "--class-labels", "1", "7", "--num-images", "2",
+            "--steps", "2", "--precision", "fp32"]
+    for sampler in ([], ["--sampler", "heun"]):
+        png = tmp_path / f"grid{len(sampler)}.png"
+        assert main([*base, *sampler, "--out", str(png)]) == 0, capsys.readouterr().err[-2000:]
+        assert png.stat().st_size > 0
+    capsys.readouterr()  # the progress bars so far
+    for bad, expected in ((["--sampler", "ddim"], "--sampler ddim: this pipeline's objective is 'flow'; its "
+                                                  "samplers: euler, heun"),
+                          (["--eta", "0.5"], "eta is DDIM's noise")):
+        assert_one_line_error(main, [*base, *bad, "--out", str(tmp_path / "x.png")], capsys, expected)
+    assert not (tmp_path / "x.png").exists()
 
 
 # ----------------------------------------------------------------------------- sample: bad input, one line each
@@ -236,6 +268,16 @@ def test_sample_refuses_non_finite_or_out_of_range_floats(saved_models, tmp_path
     from ldm_scratch.__main__ import main
     out = tmp_path / "x.png"
     assert_one_line_error(main, [*sample_args(saved_models, kind, out), flag, value], capsys, flag)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kind, expected", [("pixel", "unknown sampler 'euler'; valid samplers: ddim, ddpm"),
+                                            ("text", "--sampler euler: this pipeline's objective is 'ddpm'; its "
+                                                     "samplers: ddim, ddpm")])
+def test_sample_refuses_a_flow_sampler_on_a_ddpm_model(saved_models, tmp_path, capsys, kind, expected):
+    from ldm_scratch.__main__ import main
+    out = tmp_path / "x.png"
+    assert_one_line_error(main, [*sample_args(saved_models, kind, out), "--sampler", "euler"], capsys, expected)
     assert not out.exists()
 
 

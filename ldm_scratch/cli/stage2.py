@@ -21,6 +21,7 @@ from ldm_scratch.cli import stage3
 from ldm_scratch.cli.flags import CHOICES, add_config_flags, apply_flags, build_data
 from ldm_scratch.config import DIT_PRESETS, UNET_PRESETS, DiffusionConfig, TrainConfig, UNetConfig, get_preset
 from ldm_scratch.device import default_device
+from ldm_scratch.flow import SAMPLERS as FLOW_SAMPLERS
 from ldm_scratch.stage2 import SAMPLERS, SPACES
 
 
@@ -114,7 +115,8 @@ def add_sample(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-images", "--n-per-class", dest="num_images", type=int, default=None,
                    help="images per prompt or label, a row each (default 8; pixel with --class-labels: 1)")
     p.add_argument("--steps", type=int, default=30, help="DDIM steps (DDPM always takes all T)")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
+    p.add_argument("--sampler", choices=(*SAMPLERS, *FLOW_SAMPLERS), default=None,
+                   help="default: the model's first (ddim for DDPM models, euler for flow pipelines)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
     p.add_argument("--guidance-scale", "--guidance", type=float, default=None,
                    help="1 = none (default: the model's saved value)")

@@ -1,7 +1,8 @@
 """Stage-3 commands: latent diffusion (Rombach et al. 2022, Sec. 3-4) from the command line.
 
   train-diffusion --space latent   a U-Net or DiT denoiser on a frozen autoencoder's cached latents,
-                                   conditioned on a class, a caption or nothing -> OUT/pipeline/, OUT/eval.json
+                                   conditioned on a class, a caption or nothing -> OUT/pipeline/, OUT/eval.json;
+                                   --objective ddpm (default) or flow (rectified flow, flow.py)
   sample --model PIPELINE          a PNG grid from a saved pipeline: a row per prompt or class label
 The `train-diffusion` and `sample` parsers live in stage2.py (one command, two spaces); this file holds
 their latent halves, and demo.py chains stage 1 and them into the end-to-end demo.
@@ -21,6 +22,8 @@ from torch import Tensor
 from ldm_scratch.cli.flags import NOT_FLAGS, add_config_flags, apply_flags
 from ldm_scratch.config import (DIT_PRESETS, UNET_PRESETS, DiffusionConfig, DiTConfig, TextEncoderConfig,
                                 UNetConfig, get_preset)
+from ldm_scratch.flow import T_SAMPLINGS, FlowConfig, RectifiedFlow
+from ldm_scratch.objectives import OBJECTIVES, DDPMObjective, Objective
 
 LATENT_DATA = ("mnist5k", "colored")
 CONDITIONINGS = ("class", "text", "none")
@@ -46,10 +49,48 @@ def add_latent_arguments(p: argparse.ArgumentParser) -> None:
     only = dataclasses.make_dataclass("DiTConfig", [(f.name, f.type, dataclasses.field(default=f.default))
                                                     for f in dataclasses.fields(DiTConfig) if f.name in DIT_ONLY])
     add_config_flags(p, only)
+    p.add_argument("--objective", choices=OBJECTIVES, default=None,
+                   help="--space latent: ddpm (eps or v on a noise schedule; default) or flow (rectified flow, "
+                        "v = eps - z0; sample it with --sampler euler or heun)")
+    # FlowConfig's fields, one flag each (flags.add_config_flags knows no t_sampling choices, hence by hand)
+    flow = p.add_argument_group("FlowConfig fields (--objective flow)")
+    flow.add_argument("--t-sampling", dest="t_sampling", choices=T_SAMPLINGS, default=None,
+                      help=f"how t is drawn in training (default {FlowConfig.t_sampling})")
+    flow.add_argument("--logit-mean", dest="logit_mean", type=float, default=None,
+                      help=f"logit-normal t: the mean m (default {FlowConfig.logit_mean})")
+    flow.add_argument("--logit-std", dest="logit_std", type=float, default=None,
+                      help=f"logit-normal t: the spread s (default {FlowConfig.logit_std})")
+    flow.add_argument("--shift", dest="shift", type=float, default=None,
+                      help=f"the sampling timestep shift saved with the model, 1 = none (default {FlowConfig.shift})")
+
+
+def given_flags(args: argparse.Namespace, cls: type) -> list[str]:
+    """The flags of cls's fields that were given on the command line, as --flag-names."""
+    return sorted("--" + f.name.replace("_", "-") for f in dataclasses.fields(cls)
+                  if getattr(args, f.name, None) is not None)
+
+
+def latent_objective(args: argparse.Namespace) -> Objective:
+    """--objective and its config's flags -> DDPMObjective or RectifiedFlow; a flag of the other objective is an
+    error (--schedule means nothing to a flow, --t-sampling nothing to DDPM)."""
+    name = args.objective or "ddpm"
+    foreign = given_flags(args, DiffusionConfig if name == "flow" else FlowConfig)
+    if foreign:
+        other = "ddpm" if name == "flow" else "flow"
+        raise ValueError(f"{', '.join(foreign)}: for --objective {other} (this run's objective is {name})")
+    if name == "flow":
+        return RectifiedFlow(apply_flags(FlowConfig(), args))
+    return DDPMObjective(apply_flags(DiffusionConfig(), args))
 
 
 def check_denoiser_flags(args: argparse.Namespace, kind: str) -> None:
-    """A flag of the other denoiser is an error, not silently ignored: --hidden-size means nothing to a U-Net."""
+    """A flag of the other denoiser is an error, not silently ignored: --hidden-size means nothing to a U-Net.
+    Pixel space (the one caller with args.space "pixel") trains DDPM alone so far: the objective flags too."""
+    if getattr(args, "space", None) == "pixel":
+        flow = (["--objective flow"] if getattr(args, "objective", None) == "flow" else []) + \
+            given_flags(args, FlowConfig)
+        if flow:
+            raise ValueError(f"{', '.join(flow)}: for --space latent (pixel space trains DDPM only, for now)")
     foreign = UNET_ONLY if kind == "dit" else DIT_ONLY
     given = sorted("--" + name.replace("_", "-") for name in foreign if getattr(args, name, None) is not None)
     if given:
@@ -108,8 +149,9 @@ def heldout_captions(k: int) -> tuple[list[str], Tensor]:
 
 
 def adherence_at(pipe: Any, captions: list[str], w: float, stats: Any, steps: int, seed: int,
-                 precision: str, sampler: str = "ddim", eta: float = 0.0) -> dict:
-    """Prompt adherence (adherence.py) of one sample per caption at guidance w."""
+                 precision: str, sampler: str | None = None, eta: float = 0.0) -> dict:
+    """Prompt adherence (adherence.py) of one sample per caption at guidance w (sampler None: the pipeline's
+    default, its objective's first)."""
     from ldm_scratch.adherence import prompt_adherence
     x = pipe(prompt=captions, num_inference_steps=steps, guidance_scale=w, output_type="tensor", sampler=sampler,
              eta=eta, generator=torch.Generator(pipe.device).manual_seed(seed), precision=precision).images
@@ -162,7 +204,7 @@ def denoiser_config(args: argparse.Namespace, kind: str, conditioning: str, late
                 context_dim=text_dim if conditioning == "text" else 0)
     if kind == "unet":
         return dataclasses.replace(cfg, in_channels=c, out_channels=c, sample_size=s, **cond)
-    # L_simple trains eps alone: the paper presets' learned variance (learn_sigma) would be an unused half
+    # the objective trains one target (eps or v) alone: the paper presets' learned variance would be an unused half
     return dataclasses.replace(cfg, in_channels=c, sample_size=s, learn_sigma=False, **cond)
 
 
@@ -180,6 +222,7 @@ def prepare_latent(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         raise ValueError(f"--space latent trains on {', '.join(LATENT_DATA)}; got --data {args.data}")
     kind, conditioning = args.denoiser, args.conditioning or "class"
     check_denoiser_flags(args, kind)
+    objective = latent_objective(args)  # before the encoding: a wrong flag fails in a second, not a minute
     train_cfg = apply_flags(diffusion_train_config(kind), args)  # the denoiser's measured defaults
     ae = AutoencoderKL.from_pretrained(args.autoencoder)
     images, labels, captions = latent_training_set(args.data)
@@ -202,7 +245,7 @@ def prepare_latent(args: argparse.Namespace) -> tuple[Any, Any, Any]:
                           cache_file=out / "latents.pt", ae_folder=args.autoencoder,
                           dataset_id=f"{args.data}-train-{len(images)}")
     torch.manual_seed(train_cfg.seed)  # the initial weights, too, follow from --seed
-    task = LatentDiffusionTask(ae, kind, cfg, apply_flags(DiffusionConfig(), args), conditioning,
+    task = LatentDiffusionTask(ae, kind, cfg, objective, conditioning,
                                tokenizer=tokenizer, text_cfg=text_cfg, p_uncond=args.p_uncond, seed=train_cfg.seed,
                                guidance_scale=args.guidance_scale, precision=train_cfg.precision,
                                sample_steps=args.sample_steps, grid_prompts=list(GRID_PROMPTS),
@@ -222,7 +265,8 @@ def train_latent(args: argparse.Namespace) -> dict:
     summary: dict[str, Any] = {"steps": trainer.step, "minutes": (time.time() - start) / 60,
                                "precision": trainer.precision, "params": task.denoiser.num_params(),
                                "denoiser": kind, "preset": args.preset or DEFAULT_PRESETS[kind],
-                               "conditioning": conditioning, "data": args.data, "stopped": trainer.stopped}
+                               "conditioning": conditioning, "objective": task.objective.name, "data": args.data,
+                               "stopped": trainer.stopped}
     if trainer.stopped == "interrupted" or not trainer.is_main:
         return summary
     folder = task.finish(out, trainer.ema, step=trainer.step)
@@ -246,8 +290,10 @@ def is_pipeline(folder: str | Path) -> bool:
 
 
 def check_steps(args: argparse.Namespace, T: int) -> None:
-    """--steps against the loaded model's training T (DDIM picks --steps of those T; DDPM runs all T). The other
-    flags were checked before loading (stage2.check_sample_flags); this bound needs the model."""
+    """The flags that need a loaded DDPM model: no --sampler means "ddim" (set here), and --steps against its
+    training T (DDIM picks --steps of those T; DDPM runs all T). The other flags were checked before loading
+    (stage2.check_sample_flags); a flow pipeline's are checked by the pipeline itself (check_sample_args)."""
+    args.sampler = args.sampler or DDPMObjective.sampler_names[0]
     if args.sampler == "ddim" and args.steps > T:
         raise ValueError(f"--steps must be <= {T}, the T this model was trained with; got {args.steps}")
 
@@ -260,7 +306,12 @@ def sample_pipeline(args: argparse.Namespace) -> Path:
     from ldm_scratch.pipeline import LatentDiffusionPipeline
     from ldm_scratch.train import save_image_grid
     pipe = LatentDiffusionPipeline.from_pretrained(args.model, default_device())
-    check_steps(args, pipe.diffusion.T)
+    if args.sampler is not None and args.sampler not in pipe.objective.sampler_names:
+        raise ValueError(f"--sampler {args.sampler}: this pipeline's objective is {pipe.objective.name!r}; its "
+                         f"samplers: {', '.join(pipe.objective.sampler_names)}")
+    if isinstance(pipe.objective, DDPMObjective):
+        check_steps(args, pipe.objective.T)
+    sampler = args.sampler or pipe.objective.sampler_names[0]
     extra = read_json(Path(args.model) / "model_index.json").get("extra", {})
     k = 8 if args.num_images is None else args.num_images  # `or 8` would turn --num-images 0 into 8
     kw: dict[str, Any] = {}
@@ -274,11 +325,11 @@ def sample_pipeline(args: argparse.Namespace) -> Path:
         what = "unconditional"
     rows = len(next(iter(kw.values()))) if kw else 1
     w = extra.get("guidance_scale", 3.0) if args.guidance_scale is None else args.guidance_scale
-    x = pipe(**kw, num_images=k, num_inference_steps=args.steps, guidance_scale=w, sampler=args.sampler,
+    x = pipe(**kw, num_images=k, num_inference_steps=args.steps, guidance_scale=w, sampler=sampler,
              eta=args.eta, generator=torch.Generator(pipe.device).manual_seed(args.seed), output_type="tensor",
              precision=args.precision, progress=True).images
-    steps = pipe.diffusion.T if args.sampler == "ddpm" else args.steps
+    steps = pipe.objective.T if sampler == "ddpm" else args.steps
     save_image_grid(list(x.view(rows, k, *x.shape[1:])), args.out,  # (R k, C, H, W) -> R x (k, C, H, W)
-                    title=f"{what}; {args.sampler} {steps} steps, guidance {w:g}, seed {args.seed}")
+                    title=f"{what}; {sampler} {steps} steps, guidance {w:g}, seed {args.seed}")
     print(f"wrote {args.out}")
     return Path(args.out)
