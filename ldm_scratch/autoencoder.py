@@ -12,8 +12,39 @@ latent once. The layout (and so the parameter names convert.py maps onto) follow
            -> GroupNorm, SiLU, conv_out
 
 The two 1x1 convs are leftovers of LDM's shared code with the VQ model (they sit where its codebook
-projection sat); they are kept because SD's weights contain them. There is no init_weights(): LDM
-and SD train from PyTorch's default initialisation, and so do we.
+projection sat); they are kept because SD's weights contain them. The SD layout has no init_weights():
+LDM and SD train from PyTorch's default initialisation, and so do we.
+
+Residual autoencoding (cfg.shortcut = "residual"; Chen et al. 2024, "Deep Compression Autoencoder",
+arXiv:2410.10733, Sec. 3.1): every learned piece that changes a shape becomes a residual over a
+parameter-free shortcut S, out = S(in) + branch(in) (the ResnetBlocks and the attention already are):
+  down (encoder)  S(h) = pixel_unshuffle(h, 2), then the mean of each channel's 4 sub-pixels (= 2x2 area mean)
+  up (decoder)    S(h) = pixel_shuffle(every channel repeated 4 times, 2)              (= nearest x2)
+  width a -> b    S = tile_b(fold_m(h)), m = C * floor(min(a, b) / C), C = image channels (layers.py):
+                  fold_m(h)[k] = mean{ h[j] : j = k (mod m) }, tile_b(h)[k] = h[k mod m]; used by the
+                  ResnetBlocks that change width (for SD's learned 1x1 conv) and at the four ends:
+  encoder         h = conv_in(x) + S(x)        moments = conv_out(SiLU(GroupNorm(h))) + [S(h) | L0]
+  decoder         h = conv_in(z) + S(z)        x_rec   = conv_out(SiLU(GroupNorm(h))) + S(h)
+Since m is a multiple of C, channel k carries image channel k mod C at every width: S never mixes
+colours. Widths that are not multiples of C (32 channels, 3 colours) are the reason for m: fold
+averages every channel into the group of its colour (groups then differ in size by one), tile repeats
+the first m; the branch still reads every channel. The logvar half of the moments has no feature to
+copy: its shortcut is the constant L0 = 2 ln(2/255), a posterior std of one 8-bit grey level.
+quant_conv and post_quant_conv are left out (a 1x1 conv next to a conv adds nothing), so
+parameters(residual) = parameters(none) - every 1x1 conv of the SD layout.
+
+With every branch zero, as init_weights leaves it, the model is exactly a non-learned codec:
+  mean[k] = A_f(x)[k mod C],  logvar = L0,  decode(mean) = N_f(A_f(x))
+A_f: the mean of each f x f pixel block; N_f: nearest upsampling by f (the down shortcuts compose to A_f,
+the up shortcuts to N_f; the channel maps only copy and average channels of one colour). Why it trains
+faster: the SD layout starts from random convs and must first learn to carry the image through ~20
+layers and back, the identity, before it can improve on anything (small-f8 was still under the area
++ bicubic floor after 948 steps: 17.35 vs 21.75 dB). Here step 0 already is a codec, each branch only
+learns a correction to it, and every layer's gradient arrives through the shortcuts undiminished. DC-AE
+widens the channels at each downsampling, so its shortcut keeps 2 of 4 sub-pixels; we keep SD's widths,
+where the shortcut path is exactly the area codec. Note the learning rate: Adam moves every weight by
+about lr in its first steps, and with ~25 zero branches adding to the image at once, lr 2e-4 throws
+the codec away in a few steps (scripts/ae_recipe.py measures what works).
 """
 from __future__ import annotations
 
@@ -27,7 +58,8 @@ from torch import nn
 
 from ldm_scratch.checkpoint import load_model_folder, save_model_folder
 from ldm_scratch.config import AutoencoderConfig, config_from_dict, config_to_dict
-from ldm_scratch.layers import Downsample, Normalize, ResnetBlock, SelfAttention2d, Upsample
+from ldm_scratch.layers import (ChannelShortcut, Downsample, Normalize, ResidualDownsample, ResidualUpsample,
+                                ResnetBlock, SelfAttention2d, Upsample)
 
 # LDM's clamp on the posterior log-variance. Above: var = e^20 ~ 5e8 is already far beyond any useful
 # latent spread, and it keeps exp(logvar) (and the KL's var term) finite instead of overflowing to inf
@@ -37,6 +69,8 @@ LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 # How far past [-1, 1] an input may stray before encode refuses it: resampling and augmentation overshoot
 # by a few hundredths, while the usual mistakes are far outside (0..255 pixels: 255; [0, 1] scaled twice: 2+).
 RANGE_SLACK = 0.1
+# The residual design's logvar shortcut: std = 2/255, one 8-bit grey level in [-1, 1] units (see above).
+RESIDUAL_LOGVAR = 2 * math.log(2 / 255)
 
 
 class DiagonalGaussian:
@@ -84,6 +118,13 @@ class DiagonalGaussian:
         return 0.5 * torch.sum(math.log(2.0 * math.pi) + self.logvar + (x - self.mean).pow(2) / self.var, dim=dims)
 
 
+def _resnet_block(c_in: int, c_out: int, cfg: AutoencoderConfig) -> ResnetBlock:
+    block = ResnetBlock(c_in, c_out, dropout=cfg.dropout, groups=cfg.norm_groups)
+    if cfg.shortcut == "residual" and c_in != c_out:
+        block.skip = ChannelShortcut(c_in, c_out, cfg.in_channels)  # parameter-free, not SD's learned 1x1
+    return block
+
+
 class Encoder(nn.Module):
     """(B, C, H, W) -> (B, 2c, H/f, W/f): the mean and log-variance of q(z|x), stacked."""
 
@@ -91,15 +132,17 @@ class Encoder(nn.Module):
         super().__init__()
         widths = [cfg.ch * m for m in cfg.ch_mult]  # e.g. ch 128, ch_mult (1,2,4,4) -> 128, 256, 512, 512
         g, p = cfg.norm_groups, cfg.dropout
+        self.residual = cfg.shortcut == "residual"
+        down = ResidualDownsample if self.residual else Downsample
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         self.down = nn.ModuleList()
         c_in = cfg.ch
         for i, c_out in enumerate(widths):
             level = nn.Module()
             level.blocks = nn.ModuleList(
-                [ResnetBlock(c_in if j == 0 else c_out, c_out, dropout=p, groups=g) for j in range(cfg.num_res_blocks)])
+                [_resnet_block(c_in if j == 0 else c_out, c_out, cfg) for j in range(cfg.num_res_blocks)])
             # asymmetric (right/bottom) padding: SD's convention, needed for its weights to give its outputs
-            level.downsample = Downsample(c_out, padding="asymmetric") if i < len(widths) - 1 else nn.Identity()
+            level.downsample = down(c_out, padding="asymmetric") if i < len(widths) - 1 else nn.Identity()
             self.down.append(level)
             c_in = c_out
         self.mid_block1 = ResnetBlock(c_in, c_in, dropout=p, groups=g)
@@ -107,9 +150,14 @@ class Encoder(nn.Module):
         self.mid_block2 = ResnetBlock(c_in, c_in, dropout=p, groups=g)
         self.norm_out = Normalize(c_in, g)
         self.conv_out = nn.Conv2d(c_in, 2 * cfg.z_channels, 3, padding=1)
+        if self.residual:
+            self.shortcut_in = ChannelShortcut(cfg.in_channels, cfg.ch, cfg.in_channels)
+            self.shortcut_out = ChannelShortcut(c_in, cfg.z_channels, cfg.in_channels)  # to the c means
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)  # (B, C, H, W) -> (B, ch, H, W)
+        if self.residual:
+            h = h + self.shortcut_in(x)  # copies of the image channels: (B, C, H, W) -> (B, ch, H, W)
         for level in self.down:
             for block in level.blocks:
                 h = block(h)  # (B, C_in, h, w) -> (B, C_out, h, w)
@@ -117,7 +165,11 @@ class Encoder(nn.Module):
         h = self.mid_block1(h)
         h = self.mid_attn(h)  # global mixing at the coarsest grid, where H*W tokens are fewest
         h = self.mid_block2(h)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, C_last, H/f, W/f) -> (B, 2c, H/f, W/f)
+        moments = self.conv_out(F.silu(self.norm_out(h)))  # (B, C_last, H/f, W/f) -> (B, 2c, H/f, W/f)
+        if self.residual:
+            mean = self.shortcut_out(h)  # (B, C_last, H/f, W/f) -> (B, c, H/f, W/f)
+            moments = moments + torch.cat([mean, torch.full_like(mean, RESIDUAL_LOGVAR)], dim=1)  # [mean | L0]
+        return moments
 
 
 class Decoder(nn.Module):
@@ -127,6 +179,8 @@ class Decoder(nn.Module):
         super().__init__()
         widths = [cfg.ch * m for m in cfg.ch_mult]
         g, p = cfg.norm_groups, cfg.dropout
+        self.residual = cfg.shortcut == "residual"
+        up = ResidualUpsample if self.residual else Upsample
         c_in = widths[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, c_in, 3, padding=1)
         self.mid_block1 = ResnetBlock(c_in, c_in, dropout=p, groups=g)
@@ -138,16 +192,20 @@ class Decoder(nn.Module):
         for i, c_out in enumerate(reversed(widths)):
             level = nn.Module()
             level.blocks = nn.ModuleList(
-                [ResnetBlock(c_in if j == 0 else c_out, c_out, dropout=p, groups=g)
-                 for j in range(cfg.num_res_blocks + 1)])
-            level.upsample = Upsample(c_out) if i < len(widths) - 1 else nn.Identity()
+                [_resnet_block(c_in if j == 0 else c_out, c_out, cfg) for j in range(cfg.num_res_blocks + 1)])
+            level.upsample = up(c_out) if i < len(widths) - 1 else nn.Identity()
             self.up.append(level)
             c_in = c_out
         self.norm_out = Normalize(c_in, g)
         self.conv_out = nn.Conv2d(c_in, cfg.in_channels, 3, padding=1)
+        if self.residual:
+            self.shortcut_in = ChannelShortcut(cfg.z_channels, widths[-1], cfg.in_channels)
+            self.shortcut_out = ChannelShortcut(c_in, cfg.in_channels, cfg.in_channels)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(z)  # (B, c, H/f, W/f) -> (B, C_last, H/f, W/f)
+        if self.residual:
+            h = h + self.shortcut_in(z)  # copies of the latent channels: (B, c, ...) -> (B, C_last, ...)
         h = self.mid_block1(h)
         h = self.mid_attn(h)
         h = self.mid_block2(h)
@@ -155,7 +213,10 @@ class Decoder(nn.Module):
             for block in level.blocks:
                 h = block(h)  # (B, C_in, h, w) -> (B, C_out, h, w)
             h = level.upsample(h)  # (B, C_out, h, w) -> (B, C_out, 2h, 2w), except at the last level
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, ch, H, W) -> (B, C, H, W)
+        x = self.conv_out(F.silu(self.norm_out(h)))  # (B, ch, H, W) -> (B, C, H, W)
+        if self.residual:
+            x = x + self.shortcut_out(h)  # the mean of each colour's channels: (B, ch, H, W) -> (B, C, H, W)
+        return x
 
 
 class AutoencoderKL(nn.Module):
@@ -163,11 +224,22 @@ class AutoencoderKL(nn.Module):
 
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
+        cfg.validate()  # again: a field may have been set after the config was made
         self.cfg = cfg
         self.encoder = Encoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
+        if cfg.shortcut == "residual":  # the SD layout's 1x1 leftovers (see above) have no place here
+            self.quant_conv, self.post_quant_conv = nn.Identity(), nn.Identity()
+        else:
+            self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
+            self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
         self.decoder = Decoder(cfg)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """SD layout: PyTorch's defaults (as LDM and SD). Residual: every branch zero, so that training
+        starts from the non-learned codec and each branch learns a correction to it."""
+        if self.cfg.shortcut == "residual":
+            zero_residual_branches(self)
 
     @property
     def scale_factor(self) -> float:
@@ -208,6 +280,25 @@ class AutoencoderKL(nn.Module):
         """Rebuild from a folder written by save_pretrained; mismatches raise CheckpointError naming the file."""
         model, _ = load_model_folder(folder, _build_from_config_dict, map_location)
         return model
+
+
+def residual_branch_ends(model: AutoencoderKL) -> list[nn.Module]:
+    """The last layer of every learned branch of a residual model (zero them: the non-learned codec)."""
+    if model.cfg.shortcut != "residual":
+        raise ValueError(f"only a shortcut='residual' model has residual branches, got {model.cfg.shortcut!r}")
+    ends = [model.encoder.conv_in, model.encoder.conv_out, model.decoder.conv_in, model.decoder.conv_out]
+    last = {ResnetBlock: "conv2", Downsample: "conv", Upsample: "conv", SelfAttention2d: "proj_out"}
+    return ends + [getattr(m, name) for m in model.modules() for cls, name in last.items() if isinstance(m, cls)]
+
+
+@torch.no_grad()
+def zero_residual_branches(model: AutoencoderKL) -> AutoencoderKL:
+    """Zero every branch's last weight and bias: the model becomes the non-learned codec (module
+    docstring). Each such layer still gets a gradient (its input is not zero), so training moves it."""
+    for layer in residual_branch_ends(model):
+        layer.weight.zero_()
+        layer.bias.zero_()
+    return model
 
 
 def _build_from_config_dict(d: dict) -> AutoencoderKL:

@@ -29,11 +29,32 @@ class AutoencoderConfig:
     mid_attention: bool = True           # single-head self-attention in the middle block
     # 1 / std of the training latents, measured after training (SD's is 0.18215); 1.0 = not measured yet.
     scale_factor: float = 1.0
+    # "none": Stable Diffusion's layout (loads SD weights). "residual": DC-AE's parameter-free shortcuts
+    # around every resampling and at both ends (Chen et al. 2024), so the network learns a residual over a
+    # non-learned codec; see autoencoder.py. Folders saved before this field existed load as "none".
+    shortcut: str = "none"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError on a field no model can be built from (the model calls it again: fields may be
+        set after construction, as the CLI sets in_channels from the data)."""
+        if self.shortcut not in SHORTCUTS:
+            raise ValueError(f"unknown shortcut {self.shortcut!r}; valid values: {', '.join(SHORTCUTS)}")
+        if self.shortcut == "residual" and min(self.z_channels, self.ch * min(self.ch_mult)) < self.in_channels:
+            # the non-learned path keeps each image channel in a channel of its own at every width
+            raise ValueError(f"shortcut 'residual' needs z_channels and every width >= in_channels "
+                             f"({self.in_channels}); got z_channels {self.z_channels}, "
+                             f"widths {[self.ch * m for m in self.ch_mult]}")
 
     @property
     def f(self) -> int:
         """Spatial downsampling factor: each level after the first halves H and W."""
         return 2 ** (len(self.ch_mult) - 1)
+
+
+SHORTCUTS = ("none", "residual")   # AutoencoderConfig.shortcut
 
 
 @dataclass
@@ -154,6 +175,22 @@ AUTOENCODER_PRESETS: dict[str, Callable[[], AutoencoderConfig]] = {
     # Photo crops (3 x H x W) -> 4 x H/8 x W/8: the chapter's 48x compression.
     "small-f8": lambda: AutoencoderConfig(in_channels=3, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1,
                                           z_channels=4, norm_groups=16),
+    # Residual autoencoding (shortcut "residual", autoencoder.py): small-f8's widths, each a residual over
+    # the area-down / nearest-up codec it starts as. Photo crops, three compressions of 3 x H x W:
+    # f 8 c 4 = 4 x H/8 x W/8, SD's 48x;
+    "photo-f8c4": lambda: AutoencoderConfig(in_channels=3, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1,
+                                            z_channels=4, norm_groups=16, shortcut="residual"),
+    # f 16 c 16 = 16 x H/16 x W/16, also 48x but 4x fewer latent positions (SD3/FLUX-style wide latents);
+    "photo-f16c16": lambda: AutoencoderConfig(in_channels=3, ch=32, ch_mult=(1, 2, 2, 4, 4), num_res_blocks=1,
+                                              z_channels=16, norm_groups=16, shortcut="residual"),
+    # f 4 c 4 = 4 x H/4 x W/4, 12x.
+    "photo-f4c4": lambda: AutoencoderConfig(in_channels=3, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
+                                            z_channels=4, norm_groups=16, shortcut="residual"),
+    # small-f4 with the residual design: MNIST 1 x 32 x 32 and the coloured digits 3 x 32 x 32 -> 4 x 8 x 8.
+    "mnist-f4-res": lambda: AutoencoderConfig(in_channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
+                                              z_channels=4, norm_groups=16, shortcut="residual"),
+    "colored-f4-res": lambda: AutoencoderConfig(in_channels=3, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
+                                                z_channels=4, norm_groups=16, shortcut="residual"),
     # Stable Diffusion's VAE: ch 128, ch_mult 1,2,4,4, 2 res blocks, z 4, f 8 (~84M parameters).
     "sd": lambda: AutoencoderConfig(in_channels=3, ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2,
                                     z_channels=4, norm_groups=32, scale_factor=0.18215),

@@ -1,5 +1,6 @@
 """Building blocks shared by both stages: GroupNorm, the ResNet block, attention (the one function every
-attention layer calls) and spatial self-attention, down/upsampling and the sinusoidal timestep embedding.
+attention layer calls) and spatial self-attention, down/upsampling and the sinusoidal timestep embedding;
+the parameter-free shortcuts of residual autoencoding (DC-AE) around down/upsampling and width changes.
 
 The autoencoder (stage 1) uses these blocks without a time embedding; the U-Net (stage 2) passes
 one, and the block then applies it as a scale-shift after the second GroupNorm
@@ -162,3 +163,63 @@ class Upsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, H, W) -> (B, C, 2H, 2W)
         return self.conv(x)
+
+
+# Residual autoencoding (Chen et al. 2024, "Deep Compression Autoencoder", Sec. 3.1): parameter-free
+# shortcuts around resampling and width changes, so a learned block computes a residual over them.
+class ChannelShortcut(nn.Module):
+    """Parameter-free width change (B, a, h, w) -> (B, b, h, w), DC-AE's channel averaging and duplicating
+    (Chen et al. 2024): fold_m (average groups of channels), then tile_b (repeat channels), with
+    m = period * floor(min(a, b) / period). Since m is a multiple of the period, channel k keeps its
+    class k mod period (the autoencoder's period is the image channels: channel k carries colour k mod C).
+
+      fold_m(h)[k] = mean{ h[j] : j = k (mod m) }      tile_b(h)[k] = h[k mod m]
+    """
+
+    def __init__(self, a: int, b: int, period: int = 1):
+        super().__init__()
+        self.m = period * (min(a, b) // period)
+        if self.m == 0:
+            raise ValueError(f"a channel shortcut {a} -> {b} with period {period} needs both widths >= {period}")
+        self.groups = -(-a // self.m)  # ceil(a / m): the last group may be short of channels
+        counts = torch.bincount(torch.arange(a) % self.m, minlength=self.m).float()  # channels per group
+        self.register_buffer("counts", counts.view(self.m, 1, 1), persistent=False)
+        self.register_buffer("index", torch.arange(b) % self.m, persistent=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        B, a, H, W = h.shape
+        if a != self.m:  # fold_m(h)[k] = mean{ h[j] : j = k (mod m) }
+            h = F.pad(h, (0, 0, 0, 0, 0, self.groups * self.m - a))  # zero channels complete the last group
+            h = h.reshape(B, self.groups, self.m, H, W).sum(1) / self.counts.to(h.dtype)  # -> (B, m, H, W)
+        if len(self.index) != self.m:  # tile_b(h)[k] = h[k mod m]
+            h = h[:, self.index]  # (B, m, H, W) -> (B, b, H, W)
+        return h
+
+
+def space_to_channel_shortcut(h: torch.Tensor) -> torch.Tensor:
+    """DC-AE's downsampling shortcut at a kept width: pixel_unshuffle, then average each channel's 4
+    sub-pixels, which is the 2x2 area mean."""
+    B, C, H, W = h.shape
+    h = F.pixel_unshuffle(h, 2)  # (B, C, H, W) -> (B, 4C, H/2, W/2); channel 4c + s = sub-pixel s of c
+    return h.reshape(B, C, 4, H // 2, W // 2).mean(2)  # -> (B, C, H/2, W/2)
+
+
+def channel_to_space_shortcut(h: torch.Tensor) -> torch.Tensor:
+    """DC-AE's upsampling shortcut at a kept width: repeat each channel 4 times, then pixel_shuffle,
+    which is nearest-neighbour upsampling."""
+    h = h.repeat_interleave(4, dim=1)  # (B, C, h, w) -> (B, 4C, h, w)
+    return F.pixel_shuffle(h, 2)  # -> (B, C, 2h, 2w)
+
+
+class ResidualDownsample(Downsample):
+    """SD's stride-2 conv plus the space-to-channel shortcut (same parameters as Downsample)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + space_to_channel_shortcut(x)  # (B, C, H, W) -> (B, C, H/2, W/2)
+
+
+class ResidualUpsample(Upsample):
+    """SD's nearest-upsample + conv plus the channel-to-space shortcut (same parameters as Upsample)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + channel_to_space_shortcut(x)  # (B, C, H, W) -> (B, C, 2H, 2W)
