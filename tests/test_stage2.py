@@ -181,7 +181,7 @@ def test_train_diffusion_then_sample_writes_a_png(tmp_path):
     (["train-diffusion", "--preset", "huge"], "small"),
     (["train-diffusion", "--space", "voxel"], "pixel"),
     (["train-diffusion", "--schedule", "quadratic"], "cosine"),
-    (["sample", "--model", "m", "--sampler", "euler"], "ddim"),
+    (["sample", "--model", "m", "--sampler", "plms"], "ddim"),
     (["sample"], "--model"),
 ])
 def test_bad_arguments_list_valid_values(args, expected, capsys):
