@@ -11,8 +11,10 @@ They are written in ldm_scratch/cli/, one file per stage, each with its own COMM
   train-diffusion    a denoiser: pixel DDPM -> OUT/model/, or --space latent (U-Net or DiT on an autoencoder's
                      latents; class, text or no conditioning) -> OUT/pipeline/
   sample             a PNG grid from a pipeline (prompts, class labels) or a pixel model (DDIM or DDPM, CFG)
+  edit               a real image through a pipeline's latent: img2img (SDEdit), inversion, inpainting (cli/edit.py)
   demo               the main job: both stages on captioned coloured digits, text-to-image, report.md/json
   bench              speed: ours vs diffusers, fp32/bf16/channels_last levers, CFG sampling, latent vs pixel
+  course             the course kit: `course build` writes notebooks/student/, `course check NB` grades one
 """
 from __future__ import annotations
 
@@ -20,16 +22,17 @@ import argparse
 import sys
 
 from ldm_scratch import bench
-from ldm_scratch.cli import Command, demo, stage1, stage2
+from ldm_scratch.cli import Command, course, demo, edit, stage1, stage2
 # Re-exported: tests and benchmarks import these from here.
 from ldm_scratch.cli.flags import add_config_flags, apply_flags  # noqa: F401
 from ldm_scratch.cli.stage1 import machine_info  # noqa: F401
 from ldm_scratch.train import NonFiniteLossError, TrainingInterrupted
 
 # Every stage's table, in the order `--help` lists them.
-COMMANDS: dict[str, Command] = {**stage1.COMMANDS, **stage2.COMMANDS, **demo.COMMANDS,
+COMMANDS: dict[str, Command] = {**stage1.COMMANDS, **stage2.COMMANDS, **edit.COMMANDS, **demo.COMMANDS,
                                 "bench": (bench.add_arguments, bench.run, "benchmark tables (bench.md/json): "
-                                          "ours vs diffusers, speed levers, sampling, latent vs pixel")}
+                                          "ours vs diffusers, speed levers, sampling, latent vs pixel"),
+                                **course.COMMANDS}
 
 
 def build_parser() -> argparse.ArgumentParser:
