@@ -207,19 +207,23 @@ class RectifiedFlow:
         """Euler or Heun along the times ts (down to 0 for sampling, up from 0 for inversion)."""
         steps = tqdm(range(len(ts) - 1), desc=sampler.capitalize(), disable=not progress)
         for i in steps:
-            t, t_next = ts[i], ts[i + 1]
-            dt = t_next - t                          # negative when sampling (t goes 1 -> 0)
-            v = self.guided_v(model, x, t, cond, null_cond, guidance_scale)
-            # Euler: x_{t + dt} = x_t + dt v(x_t, t)
-            x_next = x + dt * v
-            # Heun (Karras et al. 2022, Algorithm 1): average v at both ends of the Euler step, a second-order
-            # step. Not on a step that ends at t = 0: as in Karras's last step that one stays Euler, saving a
-            # call where the model is least trained (logit-normal t almost never lands near 0).
-            if sampler == "heun" and t_next != 0:
-                v_next = self.guided_v(model, x_next, t_next, cond, null_cond, guidance_scale)
-                x_next = x + dt * (v + v_next) / 2
-            x = x_next
+            x = self.step(model, x, ts[i], ts[i + 1], cond, null_cond, guidance_scale, sampler)
         return x
+
+    def step(self, model: Denoiser, x: Tensor, t: float, t_next: float, cond: Cond, null_cond: NullCond,
+             guidance_scale: float, sampler: str = "euler") -> Tensor:
+        """One Euler or Heun step of the ODE from t to t_next (either direction); editing.py's loops use it too."""
+        dt = t_next - t                          # negative when sampling (t goes 1 -> 0)
+        v = self.guided_v(model, x, t, cond, null_cond, guidance_scale)
+        # Euler: x_{t + dt} = x_t + dt v(x_t, t)
+        x_next = x + dt * v
+        # Heun (Karras et al. 2022, Algorithm 1): average v at both ends of the Euler step, a second-order
+        # step. Not on a step that ends at t = 0: as in Karras's last step that one stays Euler, saving a
+        # call where the model is least trained (logit-normal t almost never lands near 0).
+        if sampler == "heun" and t_next != 0:
+            v_next = self.guided_v(model, x_next, t_next, cond, null_cond, guidance_scale)
+            x_next = x + dt * (v + v_next) / 2
+        return x_next
 
     # ---------------------------------------------------------------- save / load
     def to_dict(self) -> dict:
