@@ -8,7 +8,8 @@
     -> output_type: diffusers' "pil", "np", "pt" (both in [0, 1]) or "latent" (z0, undecoded), or our "tensor"
 
 The denoiser never sees pixels: it dreams in the autoencoder's scaled latent space, and the decoder
-renders only the final z0. A trained pipeline is a local folder laid out like diffusers':
+renders only the final z0. `img2img`, `invert` and `inpaint` edit a real image through the same latent
+(`encode` it, move it along the noise process, `decode` once): the maths is in editing.py. A trained pipeline is a local folder laid out like diffusers':
     model_index.json          which denoiser, which conditioning, package versions
     autoencoder/              config.json + model.pt (AutoencoderKL's own format; scale_factor inside)
     denoiser/                 config.json {"model": "unet" | "dit", "config": {...}} + model.pt
@@ -32,7 +33,7 @@ import numpy as np
 from PIL import Image
 from torch import Tensor, nn
 
-from ldm_scratch import __version__
+from ldm_scratch import __version__, editing
 from ldm_scratch.autoencoder import AutoencoderKL
 from ldm_scratch.checkpoint import CheckpointError, atomic_json_save, load_model_folder, read_json, save_model_folder
 from ldm_scratch.config import TextEncoderConfig, UNetConfig, config_from_dict, config_to_dict
@@ -283,6 +284,105 @@ class LatentDiffusionPipeline:
             return (null[0].expand(k, -1, -1), null[1].expand(k, -1)), null, k, False
         rows = torch.arange(len(prompts), device=device).repeat_interleave(k)  # (P k,): each prompt k times
         return (context[rows], mask[rows]), null, len(rows), True
+
+    # ------------------------------------------------------------------ editing a real image (editing.py)
+    @property
+    def image_size(self) -> int:
+        """The side of the images this pipeline makes and edits: the latent side times the autoencoder's f."""
+        return self.denoiser.cfg.sample_size * self.autoencoder.cfg.f
+
+    @torch.no_grad()
+    def encode(self, image: Any, precision: str = "auto") -> Tensor:
+        """Images (a PIL image or a list, a uint8 array, or a float tensor in [-1, 1]; checked by
+        editing.image_to_tensor) -> scaled latents z0 = mode * scale_factor, (B, C, H, W) -> (B, c, h, w)."""
+        x = editing.image_to_tensor(image, self.autoencoder.cfg.in_channels, self.image_size,
+                                    self.autoencoder.cfg.f).to(self.device)
+        self.autoencoder.eval()
+        with autocast(self.device, precision):
+            # the posterior's mode, not a sample: an edit is a deterministic function of its inputs
+            return self.autoencoder.encode(x).mode().float() * self.autoencoder.scale_factor
+
+    @torch.no_grad()
+    def decode(self, z0: Tensor, output_type: str = "tensor", precision: str = "auto") -> Any:
+        """Scaled latents z0 (B, c, h, w) -> images (B, C, H, W) in output_type, as __call__ renders them."""
+        self.autoencoder.eval()
+        with autocast(self.device, precision):
+            x = self.autoencoder.decode(z0.to(self.device) / self.autoencoder.scale_factor)  # (B, c, h, w) -> (B, C, H, W)
+        return postprocess(x.float().clamp(-1, 1), output_type)
+
+    def img2img(self, image: Any, strength: float = 0.6, prompt: str | list[str] | None = None,
+                class_labels: int | list[int] | Tensor | None = None, num_inference_steps: int = 30,
+                guidance_scale: float = 3.0, generator: torch.Generator | None = None, sampler: str | None = None,
+                eta: float = 0.0, shift: float | None = None, noise: Tensor | None = None, output_type: str = "pil",
+                precision: str = "auto", progress: bool = False) -> PipelineOutput:
+        """SDEdit (Meng et al. 2022): encode `image`, noise it to `strength` (0 = the autoencoder's reconstruction,
+        1 = plain sampling from the same noise), denoise with the new prompt / class labels (one, or one per
+        image), decode once. noise: the eps to use (default drawn from `generator`; invert's output regenerates
+        the image at strength 1). Samplers: DDIM (DDPM pipelines), Euler or Heun (flow). See editing.py."""
+        return self._edit(image, None, strength, prompt, class_labels, num_inference_steps, guidance_scale,
+                          generator, sampler, eta, shift, noise, output_type, precision, progress)
+
+    def inpaint(self, image: Any, mask: Any, prompt: str | list[str] | None = None,
+                class_labels: int | list[int] | Tensor | None = None, strength: float = 1.0,
+                num_inference_steps: int = 30, guidance_scale: float = 3.0, generator: torch.Generator | None = None,
+                sampler: str | None = None, eta: float = 0.0, shift: float | None = None,
+                noise: Tensor | None = None, output_type: str = "pil", precision: str = "auto",
+                progress: bool = False) -> PipelineOutput:
+        """Inpainting without retraining: regenerate where the pixel mask (H, W) or (B, 1, H, W) is 1 (white),
+        keep the rest; at every step the kept latent is the encoded image noised to that step's level."""
+        return self._edit(image, mask, strength, prompt, class_labels, num_inference_steps, guidance_scale,
+                          generator, sampler, eta, shift, noise, output_type, precision, progress)
+
+    @torch.no_grad()
+    def invert(self, image: Any, prompt: str | list[str] | None = None,
+               class_labels: int | list[int] | Tensor | None = None, num_inference_steps: int = 50,
+               guidance_scale: float = 1.0, sampler: str | None = None, shift: float | None = None,
+               precision: str = "auto", progress: bool = False) -> Tensor:
+        """Deterministic inversion (DDIM with eta 0, or the flow's ODE upwards): images -> the noise z_T
+        (B, c, h, w) that img2img(image, strength=1, noise=z_T) with the same options turns back into them."""
+        sampler = self.objective.sampler_names[0] if sampler is None else sampler
+        self._check_options(None, num_inference_steps, guidance_scale, sampler, 0.0, "latent", precision, 1, shift)
+        editing.check_edit_sampler(self.objective, sampler)
+        z0 = self.encode(image, precision)
+        cond, null, w = self._edit_condition(prompt, class_labels, z0.shape[0], guidance_scale, precision)
+        with autocast(self.device, precision):
+            return editing.invert_latent(self.objective, self.denoiser, z0, num_inference_steps, cond, null, w,
+                                         sampler, shift, progress)
+
+    @torch.no_grad()
+    def _edit(self, image, mask, strength, prompt, class_labels, num_inference_steps, guidance_scale, generator,
+              sampler, eta, shift, noise, output_type, precision, progress) -> PipelineOutput:
+        """img2img and inpaint: every option checked before any work, then encode -> edit_latent -> decode."""
+        sampler = self.objective.sampler_names[0] if sampler is None else sampler
+        editing.check_strength(strength)
+        self._check_options(None, num_inference_steps, guidance_scale, sampler, eta, output_type, precision, 1, shift)
+        editing.check_edit_sampler(self.objective, sampler)
+        z0 = self.encode(image, precision)                             # (B, C, H, W) -> (B, c, h, w)
+        f = self.autoencoder.cfg.f
+        m = None if mask is None else editing.mask_to_latent(
+            mask, (z0.shape[0], 1, z0.shape[2] * f, z0.shape[3] * f), f).to(self.device)
+        if noise is not None and tuple(noise.shape) != tuple(z0.shape):
+            raise ValueError(f"noise has shape {tuple(noise.shape)}; these images' latents are {tuple(z0.shape)}")
+        cond, null, w = self._edit_condition(prompt, class_labels, z0.shape[0], guidance_scale, precision)
+        with autocast(self.device, precision):
+            z = editing.edit_latent(self.objective, self.denoiser, z0, strength, num_inference_steps, cond, null, w,
+                                    sampler, generator, None if noise is None else noise.to(self.device), m, eta,
+                                    shift, progress)
+        return PipelineOutput(z if output_type == "latent" else self.decode(z, output_type, precision))
+
+    def _edit_condition(self, prompt, class_labels, B: int, guidance_scale: float, precision: str):
+        """-> (cond for the B images, null, guidance): one prompt / label for all, or one per image."""
+        given = prompt if prompt is not None else class_labels
+        P = None if given is None else 1 if isinstance(given, (str, int)) else \
+            given.numel() if isinstance(given, Tensor) else len(given) if isinstance(given, (list, tuple)) else 1
+        if P not in (None, 1, B):
+            raise ValueError(f"got {P} {'prompts' if prompt is not None else 'class labels'} for {B} image(s); "
+                             "pass one (for every image) or one per image")
+        for m in self.modules():
+            m.eval()
+        cond, null, n, guided = self._condition(prompt, class_labels, B if P in (None, 1) else 1, self.device,
+                                                precision)
+        return cond, null, float(guidance_scale) if guided else 1.0
 
     # ------------------------------------------------------------------ the folder
     def save_pretrained(self, folder: str | os.PathLike, extra: dict | None = None) -> Path:
