@@ -66,7 +66,8 @@ def _close(mine: Any, ref: torch.Tensor, what: str, rtol: float, atol: float) ->
     mine, ref = mine.detach().double(), ref.detach().double()
     if not torch.allclose(mine, ref, rtol=rtol, atol=atol):
         err = (mine - ref).abs().max().item()
-        raise CheckFailed(f"{what}: max |yours - package| = {err:.3g} (tolerance atol {atol:g} + rtol {rtol:g} x |package|)")
+        raise CheckFailed(f"{what}: max |yours - package| = {err:.3g} "
+                          f"(tolerance atol {atol:g} + rtol {rtol:g} x |package|)")
 
 
 def _toy_denoiser(channels: int, seed: int, num_classes: int = 10) -> Callable:
@@ -260,7 +261,7 @@ EXERCISES: dict[str, Exercise] = {e.name: e for e in (
     Exercise("adaptive_weight", "02_perceptual_adversarial", "lambda = ||grad L_rec|| / (||grad L_G|| + 1e-4), clamped",
              (_adaptive(0, 1e4), _adaptive(1, 1e-2), _adaptive(2, 1e4, gan_grad=False), _adaptive(3, 1e4))),
     Exercise("scale_factor", "03_latent_space", "s = 1 / std(z), z ~ q(z | x) over the training images",
-             (_scale_factor(1, 100, 16, 64, 0), _scale_factor(3, 40, 8, 16, 1))),
+             (_scale_factor(1, 100, 16, 64, 0), _scale_factor(3, 40, 8, 16, 1), _scale_factor(1, 65, 8, 64, 2))),
     Exercise("q_sample", "04_ddpm", "x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps",
              (_q_sample("linear", 1000, (3, 1, 8, 8), [0, 250, 999], 0),
               _q_sample("cosine", 1000, (4, 3, 5, 5), [1, 10, 500, 998], 1),
@@ -299,7 +300,8 @@ def grade(name: str, answer: Any) -> Result:
             return Result(name, "failed", f"{label}: {e}")
         except Exception as e:  # noqa: BLE001 - a student's bug of any kind is a failed check, said plainly
             return Result(name, "failed", f"{label}: raised {type(e).__name__}: {e}")
-    return Result(name, "passed", f"visible check and {len(cases) - 1} hidden checks")
+    hidden = len(cases) - 1
+    return Result(name, "passed", f"visible check and {hidden} hidden check{'s' if hidden != 1 else ''}")
 
 
 def record(result: Result, path: str | os.PathLike | None = None) -> None:

@@ -76,6 +76,10 @@ def student_notebook(solution: Path):
 
 def build(out_dir: Path = NOTEBOOKS / "student", names: tuple[str, ...] = COURSE_NOTEBOOKS) -> list[Path]:
     import nbformat
+    missing = [n for n in names if not (NOTEBOOKS / f"{n}.ipynb").is_file()]
+    if missing:  # e.g. a non-editable install: the notebooks live in the repository, not in the package
+        raise ValueError(f"solution notebooks not found in {NOTEBOOKS}: {', '.join(missing)} "
+                         "(run course build from a checkout of the repository)")
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name in names:
@@ -91,8 +95,10 @@ def exercises_in(nb) -> list[tuple[int, str]]:
             for m in [CHECK_CALL.search(c.source)] if m]
 
 
-def run_notebook(path: Path, timeout: int = 1200) -> list[dict]:
-    """Execute `path` in quick mode in a scratch folder; one row {exercise, status, message} per check cell."""
+def run_notebook(path: Path, timeout: int = 1200) -> tuple[list[dict], list[str]]:
+    """Execute `path` in quick mode in a scratch folder: one row {exercise, status, message} per check cell,
+    and 'cell i: Error: message' for every other cell that raised (in a student's copy, mostly the demo
+    cells that call an unfinished exercise)."""
     import nbclient
     import nbformat
     nb = nbformat.read(path, as_version=4)
@@ -123,15 +129,21 @@ def run_notebook(path: Path, timeout: int = 1200) -> list[dict]:
         errors = [o for o in nb.cells[i].get("outputs", []) if o.output_type == "error"]
         message = f"{errors[0].ename}: {errors[0].evalue}" if errors else "the check cell did not run"
         rows.append({"exercise": name, "status": "error", "message": message})
-    return rows
+    checks = {i for i, _ in exercises_in(nb)}
+    others = [f"cell {i + 1}: {o.ename}: {o.evalue}" for i, c in enumerate(nb.cells)  # counted from 1
+              if c.cell_type == "code" and i not in checks for o in c.get("outputs", []) if o.output_type == "error"]
+    return rows, others
 
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], others: list[str] = ()) -> str:
     width = max([len("exercise")] + [len(r["exercise"]) for r in rows])
     lines = [f"{'exercise':{width}s}  {'status':13s}  message", f"{'-' * width}  {'-' * 13}  {'-' * 7}"]
     lines += [f"{r['exercise']:{width}s}  {r['status']:13s}  {r['message']}" for r in rows]
     passed = sum(r["status"] == "passed" for r in rows)
     lines.append(f"{passed}/{len(rows)} passed")
+    if others:  # one line each, cut short: the notebook itself has the tracebacks
+        lines.append(f"{len(others)} other cell(s) raised: " + "; ".join(o.splitlines()[0][:100] for o in others[:3])
+                     + ("; ..." if len(others) > 3 else ""))
     return "\n".join(lines)
 
 
@@ -152,10 +164,10 @@ def run_course(args: argparse.Namespace) -> None:
     path = Path(args.notebook)
     if not path.is_file() or path.suffix != ".ipynb":
         raise ValueError(f"{path}: no such notebook (expected an .ipynb file, e.g. notebooks/student/04_ddpm.ipynb)")
-    rows = run_notebook(path, args.timeout)
+    rows, others = run_notebook(path, args.timeout)
     if not rows:
         raise ValueError(f"{path}: no check cells (check(\"name\", ...)) in this notebook")
-    print(format_table(rows))
+    print(format_table(rows, others))
     if any(r["status"] != "passed" for r in rows):
         raise SystemExit(1)
 
