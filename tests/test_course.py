@@ -219,3 +219,17 @@ def test_record_without_the_env_var_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     record(grade("guidance", lambda c, u, w: u + w * (c - u)))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_readme_table_lists_each_notebooks_exercises():
+    readme = (NOTEBOOKS.parent / "README.md").read_text()
+    section = readme.split("## Course kit", 1)[1].split("\n## ", 1)[0]
+    rows = [l for l in section.splitlines() if l.startswith("| `")]
+    listed = {}
+    for row in rows:
+        stem, exercises = (cell.strip() for cell in row.strip("|").split("|"))
+        listed[stem.strip("`")] = [w for w in exercises.split("`")[1::2]]
+    expected = {}
+    for name, e in EXERCISES.items():
+        expected.setdefault(e.notebook, []).append(name)
+    assert listed == expected
