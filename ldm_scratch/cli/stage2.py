@@ -118,6 +118,9 @@ def add_sample(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=(*SAMPLERS, *FLOW_SAMPLERS), default=None,
                    help="default: the model's first (ddim for DDPM models, euler for flow pipelines)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    p.add_argument("--shift", type=float, default=None,
+                   help="flow pipelines: the timestep shift at sampling (SD3 Sec. 5.3.2), 1 = none, > 1 spends more "
+                        "steps at high noise (default: the one saved with the model)")
     p.add_argument("--guidance-scale", "--guidance", type=float, default=None,
                    help="1 = none (default: the model's saved value)")
     p.add_argument("--seed", type=int, default=0)
@@ -144,6 +147,9 @@ def check_sample_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"--eta must be in [0, 1] (0 = deterministic DDIM, 1 = DDPM's variance); got {args.eta}")
     if not 0 <= args.seed <= MAX_SEED:
         raise ValueError(f"--seed must be an integer in 0..2^64-1; got {args.seed}")
+    shift = getattr(args, "shift", None)
+    if shift is not None and not (math.isfinite(shift) and shift > 0):
+        raise ValueError(f"--shift must be a finite number > 0 (1 = no shift; SD3 uses 3.0); got {shift}")
 
 
 def model_folder_kind(folder: str) -> str:
@@ -172,6 +178,8 @@ def sample(args: argparse.Namespace) -> Path:
     check_sample_flags(args)
     if model_folder_kind(args.model) == "pipeline":
         return stage3.sample_pipeline(args)
+    if getattr(args, "shift", None) is not None:
+        raise ValueError(f"--shift is for flow pipelines; {args.model} is a pixel DDPM model")
     if args.prompt is not None:
         raise ValueError(f"{args.model} is a class-conditional pixel model: it takes --class-labels, not --prompt "
                          "(text prompts need a latent pipeline folder, OUT/pipeline)")

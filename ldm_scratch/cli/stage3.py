@@ -83,6 +83,28 @@ def latent_objective(args: argparse.Namespace) -> Objective:
     return DDPMObjective(apply_flags(DiffusionConfig(), args))
 
 
+def check_resume_objective(ckpt: Path, objective: Objective) -> None:
+    """--resume must train the objective the checkpoint was trained with: the weights learnt its target (eps, v
+    or eps - z0 on its own t), and a resumed run is meant to equal one never stopped. A difference is one line
+    naming both; a missing or unreadable checkpoint is left to the Trainer's own error."""
+    from ldm_scratch.checkpoint import safe_torch_load
+    from ldm_scratch.objectives import objective_from_dict
+    if not ckpt.is_file():
+        return
+    config = safe_torch_load(ckpt).get("task_config", {})
+    saved = config.get("objective", config.get("diffusion")) if isinstance(config, dict) else None
+    if not isinstance(saved, dict):
+        return
+    saved, asked = objective_from_dict(saved, str(ckpt)).to_dict(), objective.to_dict()  # old dicts read as DDPM
+    if saved != asked:
+        if saved["objective"] != asked["objective"]:
+            what = f"--objective {saved['objective']}, not {asked['objective']}"
+        else:
+            what = ", ".join(f"--{k.replace('_', '-')} {saved[k]} (not {asked[k]})" for k in saved if saved[k] != asked.get(k))
+        raise ValueError(f"{ckpt}: this run was trained with {what}; resume it with the flags it was started with, "
+                         "or train afresh in another --out")
+
+
 def check_denoiser_flags(args: argparse.Namespace, kind: str) -> None:
     """A flag of the other denoiser is an error, not silently ignored: --hidden-size means nothing to a U-Net.
     Pixel space (the one caller with args.space "pixel") trains DDPM alone so far: the objective flags too."""
@@ -223,6 +245,8 @@ def prepare_latent(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     kind, conditioning = args.denoiser, args.conditioning or "class"
     check_denoiser_flags(args, kind)
     objective = latent_objective(args)  # before the encoding: a wrong flag fails in a second, not a minute
+    if getattr(args, "resume", False):
+        check_resume_objective(Path(args.out) / "checkpoint.pt", objective)
     train_cfg = apply_flags(diffusion_train_config(kind), args)  # the denoiser's measured defaults
     ae = AutoencoderKL.from_pretrained(args.autoencoder)
     images, labels, captions = latent_training_set(args.data)
@@ -311,6 +335,9 @@ def sample_pipeline(args: argparse.Namespace) -> Path:
                          f"samplers: {', '.join(pipe.objective.sampler_names)}")
     if isinstance(pipe.objective, DDPMObjective):
         check_steps(args, pipe.objective.T)
+    shift = getattr(args, "shift", None)
+    if shift is not None and pipe.objective.name != "flow":
+        raise ValueError(f"--shift is for flow pipelines; this pipeline's objective is {pipe.objective.name!r}")
     sampler = args.sampler or pipe.objective.sampler_names[0]
     extra = read_json(Path(args.model) / "model_index.json").get("extra", {})
     k = 8 if args.num_images is None else args.num_images  # `or 8` would turn --num-images 0 into 8
@@ -327,9 +354,10 @@ def sample_pipeline(args: argparse.Namespace) -> Path:
     w = extra.get("guidance_scale", 3.0) if args.guidance_scale is None else args.guidance_scale
     x = pipe(**kw, num_images=k, num_inference_steps=args.steps, guidance_scale=w, sampler=sampler,
              eta=args.eta, generator=torch.Generator(pipe.device).manual_seed(args.seed), output_type="tensor",
-             precision=args.precision, progress=True).images
+             precision=args.precision, progress=True, shift=shift).images
     steps = pipe.objective.T if sampler == "ddpm" else args.steps
+    shown = f", shift {shift:g}" if shift is not None else ""
     save_image_grid(list(x.view(rows, k, *x.shape[1:])), args.out,  # (R k, C, H, W) -> R x (k, C, H, W)
-                    title=f"{what}; {sampler} {steps} steps, guidance {w:g}, seed {args.seed}")
+                    title=f"{what}; {sampler} {steps} steps{shown}, guidance {w:g}, seed {args.seed}")
     print(f"wrote {args.out}")
     return Path(args.out)
