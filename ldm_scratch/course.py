@@ -4,7 +4,7 @@ A solution notebook marks the cells a student writes (`### BEGIN SOLUTION` / `##
 markers; `python -m ldm_scratch course build` cuts them out, cli/course.py). After each exercise a check cell
 calls `check(name, my_function)`, which runs two kinds of case against the package's own code:
 
-  visible  the case the notebook talks about: seeded inputs, compared with the package's reference
+  visible  seeded inputs shaped like the notebook's, compared with the package's reference
   hidden   other shapes, seeds, schedules and edge cases (eta = 1, w = 1, a clamp that binds), the reference
            again computed by the package at check time, so a formula fitted to one case does not pass
 
