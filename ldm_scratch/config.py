@@ -149,6 +149,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.5, 0.9)
     grad_clip: float = 1.0
+    adamw: str = "auto"                  # AdamW's kernel: "auto" (fused where the device has it), "fused", "foreach", "loop"
     ema_decay: float = 0.999
     ema_warmup: bool = True              # decay_n = min(ema_decay, (1 + n) / (10 + n)): see ema.py
     lr_warmup_steps: int = 0             # >0: the learning rate rises linearly to lr over this many steps

@@ -51,11 +51,15 @@ class EMA:
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
         d = self.current_decay
+        averaged, live = [], []
         for k, v in module.state_dict().items():
             if v.dtype.is_floating_point:
-                self.shadow[k].lerp_(v.detach(), 1.0 - d)  # ema + (1 - d) (theta - ema)
+                averaged.append(self.shadow[k])
+                live.append(v.detach())
             else:
                 self.shadow[k].copy_(v)
+        if averaged:  # ema + (1 - d) (theta - ema) for every tensor in one multi-tensor op (a loop of lerp_ otherwise)
+            torch._foreach_lerp_(averaged, live, 1.0 - d)
         self.num_updates += 1
 
     @torch.no_grad()

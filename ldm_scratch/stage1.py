@@ -24,7 +24,7 @@ from torch import nn
 from ldm_scratch.autoencoder import AutoencoderKL, measure_scale_factor
 from ldm_scratch.config import AutoencoderConfig, LossConfig, TrainConfig, config_to_dict
 from ldm_scratch.losses import AutoencoderLoss
-from ldm_scratch.train import save_image_grid
+from ldm_scratch.train import make_adamw, save_image_grid
 
 # The bar shows the terms that say whether stage 1 is healthy: reconstruction, KL, generator loss,
 # the adaptive weight and the real-minus-fake logits gap (a gap that runs away = D is winning).
@@ -58,10 +58,8 @@ class AutoencoderTask:
     def optimizers(self, cfg: TrainConfig) -> dict[str, torch.optim.Optimizer]:
         opts = {
             # encoder + decoder + logvar; the frozen perceptual net is in neither optimizer
-            "ae": torch.optim.AdamW(self.loss_fn.generator_parameters(self.ae), lr=cfg.lr, betas=cfg.betas,
-                                    weight_decay=cfg.weight_decay),
-            "disc": torch.optim.AdamW(self.loss_fn.discriminator_parameters(), lr=cfg.disc_lr, betas=cfg.betas,
-                                      weight_decay=cfg.weight_decay),
+            "ae": make_adamw(self.loss_fn.generator_parameters(self.ae), cfg),
+            "disc": make_adamw(self.loss_fn.discriminator_parameters(), cfg, lr=cfg.disc_lr),
         }
         self.loss_fn.check_optimizers(opts["ae"], opts["disc"])
         return opts

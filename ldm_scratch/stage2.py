@@ -29,7 +29,7 @@ from ldm_scratch.checkpoint import load_model_folder, save_model_folder
 from ldm_scratch.config import DiffusionConfig, TrainConfig, UNetConfig, config_from_dict, config_to_dict
 from ldm_scratch.device import autocast
 from ldm_scratch.diffusion import GaussianDiffusion
-from ldm_scratch.train import EMA, save_image_grid
+from ldm_scratch.train import EMA, make_adamw, save_image_grid
 from ldm_scratch.unet import UNet
 
 SPACES = ("pixel", "latent")   # where a saved denoiser works; this file trains and samples "pixel"
@@ -100,8 +100,7 @@ class DiffusionTask:
         return {"unet": self.unet}
 
     def optimizers(self, cfg: TrainConfig) -> dict[str, torch.optim.Optimizer]:
-        return {"model": torch.optim.AdamW(self.unet.parameters(), lr=cfg.lr, betas=cfg.betas,
-                                           weight_decay=cfg.weight_decay)}
+        return {"model": make_adamw(self.unet.parameters(), cfg)}
 
     def step_noise(self, step: int, x0: torch.Tensor,
                    labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -39,7 +39,7 @@ from ldm_scratch.pipeline import (CONDITIONINGS, DENOISERS, LatentDiffusionPipel
                                   build_denoiser)
 from ldm_scratch.stage2 import GRID_COLS, GRID_SEED, NOISE_SEED_STRIDE, SAMPLE_STEPS
 from ldm_scratch.text import TextEncoder, Tokenizer
-from ldm_scratch.train import EMA, save_image_grid
+from ldm_scratch.train import EMA, make_adamw, save_image_grid
 
 
 def latent_dataset(ae: AutoencoderKL, images: Tensor, labels: Tensor | None = None,
@@ -140,8 +140,7 @@ class LatentDiffusionTask:
 
     def optimizers(self, cfg: TrainConfig) -> dict[str, torch.optim.Optimizer]:
         # one optimizer for both: the text encoder learns from the denoiser's loss alone (no separate objective)
-        return {"model": torch.optim.AdamW(self.ema_group.parameters(), lr=cfg.lr, betas=cfg.betas,
-                                           weight_decay=cfg.weight_decay)}
+        return {"model": make_adamw(self.ema_group.parameters(), cfg)}
 
     def ema_module(self) -> nn.Module:
         return self.ema_group

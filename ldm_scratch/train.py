@@ -88,6 +88,31 @@ class _DeferredSigint:
             signal.signal(signal.SIGINT, self.previous)
 
 
+ADAMW_IMPLS = ("auto", "fused", "foreach", "loop")
+
+
+def make_adamw(params: Any, cfg: TrainConfig, lr: float | None = None) -> torch.optim.AdamW:
+    """AdamW with cfg's lr, betas and weight decay, and the kernel cfg.adamw names.
+
+    The three kernels compute the same update (to float rounding). "loop" updates one tensor at a time (torch's
+    default on a CPU), "foreach" batches the tensors into a few multi-tensor ops, "fused" does the whole update
+    in one pass per tensor group: for the latent DiT and U-Net on a CPU the optimizer step measured 2.5-3x faster
+    fused than looped (one thread, 2026-12-01). "auto" takes fused where torch has it for the device (CPU and
+    CUDA since torch 2.4), else foreach."""
+    impl = cfg.adamw
+    if impl not in ADAMW_IMPLS:
+        raise ValueError(f"unknown AdamW kernel {impl!r}; valid: {', '.join(ADAMW_IMPLS)}")
+    params = list(params)
+    kw = dict(lr=cfg.lr if lr is None else lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if impl in ("auto", "fused"):
+        try:
+            return torch.optim.AdamW(params, fused=True, **kw)
+        except (RuntimeError, TypeError, ValueError):
+            if impl == "fused":
+                raise
+    return torch.optim.AdamW(params, foreach=impl != "loop", **kw)
+
+
 def _isatty(stream: Any) -> bool:
     """Whether `stream` is a terminal (a notebook's or a pipe's stream is not; some lack isatty)."""
     try:

@@ -16,7 +16,8 @@ from ldm_scratch.diffusion import PREDICTIONS, SCHEDULES
 
 # The string fields whose valid values are a closed set.
 CHOICES = {"precision": ("auto", "bf16", "fp32"), "disc_loss": ("hinge", "vanilla"),
-           "perceptual_net": ("default", "vgg16", "none"), "schedule": SCHEDULES, "prediction": PREDICTIONS}
+           "perceptual_net": ("default", "vgg16", "none"), "schedule": SCHEDULES, "prediction": PREDICTIONS,
+           "adamw": ("auto", "fused", "foreach", "loop")}
 # Fields the command sets itself: the data decides the channels and size; the scale factor is measured.
 NOT_FLAGS = {"in_channels", "out_channels", "sample_size", "scale_factor"}
 # Photo crops drawn per epoch; the crops are random, so this only sets how often the order repeats.
