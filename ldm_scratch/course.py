@@ -16,6 +16,7 @@ the notebook's random stream.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -25,10 +26,13 @@ from typing import Any, Callable
 import torch
 
 from ldm_scratch.autoencoder import AutoencoderKL, DiagonalGaussian, measure_scale_factor
-from ldm_scratch.config import AUTOENCODER_PRESETS, DiffusionConfig, get_preset
+from ldm_scratch.config import AUTOENCODER_PRESETS, DIT_PRESETS, DiffusionConfig, get_preset
 from ldm_scratch.diffusion import GaussianDiffusion
+from ldm_scratch.dit import DiTBlock, modulate, patchify, sincos_pos_embed_2d, unpatchify
+from ldm_scratch.latents import encode_images
 from ldm_scratch.losses import adaptive_weight, hinge_d_loss
 from ldm_scratch.perceptual import PerceptualLoss
+from ldm_scratch.pipeline import LatentDiffusionPipeline, build_denoiser
 
 RESULTS_ENV = "LDM_COURSE_RESULTS"   # a JSON file: the list of every check's result, in the order they ran
 Case = Callable[[Any], None]         # runs the student's answer on one case; raises CheckFailed on a mismatch
@@ -247,6 +251,88 @@ def _guidance(w: float, shape: tuple[int, ...], seed: int) -> Case:
     return run
 
 
+# ---------------------------------------------------------------- 05: the latent cache and the decode step
+def _tiny_autoencoder(channels: int, seed: int, scale_factor: float) -> AutoencoderKL:
+    """A random `tiny` autoencoder (f = 4, 4 latent channels) with a given scale factor, in eval mode."""
+    torch.manual_seed(seed)  # the random weights (inside the forked RNG)
+    cfg = get_preset(AUTOENCODER_PRESETS, "tiny", "autoencoder")
+    cfg.in_channels = channels
+    ae = AutoencoderKL(cfg).eval()
+    ae.scale_factor = scale_factor
+    return ae
+
+
+def _encode_latents(channels: int, n: int, side: int, scale_factor: float, seed: int) -> Case:
+    def run(fn):
+        ae = _tiny_autoencoder(channels, seed, scale_factor)
+        images = torch.rand(n, channels, side, side, generator=_gen(seed)) * 2 - 1
+        ref = encode_images(ae, images, precision="fp32", progress=False)
+        _close(fn(ae, images), ref, f"z0 ({n} images {channels}x{side}x{side}, scale factor {scale_factor:g})",
+               rtol=1e-4, atol=1e-5)
+    return run
+
+
+def _decode_latents(channels: int, n: int, side: int, scale_factor: float, spread: float, seed: int) -> Case:
+    def run(fn):
+        ae = _tiny_autoencoder(channels, seed, scale_factor)
+        z_channels = ae.cfg.z_channels
+        denoiser = build_denoiser("dit", dataclasses.replace(get_preset(DIT_PRESETS, "dit-tiny"),
+                                                             in_channels=z_channels, sample_size=side))
+        pipe = LatentDiffusionPipeline(ae, denoiser, GaussianDiffusion(DiffusionConfig(num_timesteps=10)))
+        z0 = spread * torch.randn(n, z_channels, side, side, generator=_gen(seed))
+        ref = pipe.decode(z0, "tensor", precision="fp32")
+        with torch.no_grad():
+            mine = fn(ae, z0)
+        _close(mine, ref, f"x ({n} latents {z_channels}x{side}x{side}, scale factor {scale_factor:g})",
+               rtol=1e-4, atol=1e-5)
+    return run
+
+
+# ---------------------------------------------------------------- 06: DiT
+def _patchify(shape: tuple[int, ...], P: int, seed: int) -> Case:
+    def run(fn):
+        z = torch.randn(shape, generator=_gen(seed))
+        _close(fn(z, P), patchify(z, P), f"tokens of a latent {shape}, P={P}", rtol=0, atol=0)
+    return run
+
+
+def _unpatchify(B: int, C: int, h: int, w: int, P: int, seed: int) -> Case:
+    def run(fn):
+        tokens = torch.randn(B, h * w, P * P * C, generator=_gen(seed))
+        _close(fn(tokens, P, h, w), unpatchify(tokens, P, h, w),
+               f"latent from tokens {tuple(tokens.shape)}, P={P}, h={h}, w={w}", rtol=0, atol=0)
+    return run
+
+
+def _sincos_2d(D: int, h: int, w: int) -> Case:
+    def run(fn):
+        _close(fn(D, h, w), sincos_pos_embed_2d(D, h, w), f"position table D={D}, h={h}, w={w}", 1e-5, 1e-5)
+    return run
+
+
+def _modulate(B: int, N: int, D: int, seed: int) -> Case:
+    def run(fn):
+        g = _gen(seed)
+        x, shift, scale = torch.randn(B, N, D, generator=g), torch.randn(B, D, generator=g), torch.randn(B, D, generator=g)
+        _close(fn(x, shift, scale), modulate(x, shift, scale), f"modulate, x {(B, N, D)}", rtol=1e-6, atol=1e-6)
+    return run
+
+
+def _adaln_block(B: int, N: int, D: int, num_heads: int, seed: int) -> Case:
+    def run(fn):
+        torch.manual_seed(seed)  # the block's random weights (inside the forked RNG)
+        block = DiTBlock(D, num_heads, mlp_ratio=4.0).eval()
+        g = _gen(seed)
+        with torch.no_grad():  # non-zero modulation (DiT starts it at zero: every gate 0, the block the identity)
+            block.adaLN_modulation[-1].weight.copy_(0.1 * torch.randn(6 * D, D, generator=g))
+            block.adaLN_modulation[-1].bias.copy_(0.1 * torch.randn(6 * D, generator=g))
+        x, c = torch.randn(B, N, D, generator=g), torch.randn(B, D, generator=g)
+        with torch.no_grad():
+            ref, mine = block(x, c), fn(block, x, c)
+        _close(mine, ref, f"block output, x {(B, N, D)}, {num_heads} heads", rtol=1e-4, atol=1e-5)
+    return run
+
+
 EXERCISES: dict[str, Exercise] = {e.name: e for e in (
     Exercise("reparameterize", "01_autoencoder", "z = mean + exp(logvar / 2) * eps",
              (_reparameterize((2, 4, 8, 8), 0, 1.0), _reparameterize((3, 2, 5, 7), 7, 3.0),
@@ -281,6 +367,22 @@ EXERCISES: dict[str, Exercise] = {e.name: e for e in (
     Exercise("guidance", "04_ddpm", "eps = eps_uncond + w (eps_cond - eps_uncond)",
              (_guidance(3.0, (2, 1, 8, 8), 0), _guidance(1.0, (3, 2, 4, 4), 1), _guidance(0.0, (2, 1, 4, 4), 2),
               _guidance(7.5, (4, 3, 4, 4), 3))),
+    Exercise("encode_latents", "05_latent_diffusion", "z0 = mode(q(z | x)) * scale_factor (the latent cache)",
+             (_encode_latents(1, 8, 32, 0.8, 0), _encode_latents(3, 5, 8, 2.5, 1), _encode_latents(1, 1, 16, 0.3, 2))),
+    Exercise("decode_latents", "05_latent_diffusion", "x = clamp(decode(z0 / scale_factor), -1, 1), once per image",
+             (_decode_latents(1, 8, 8, 0.8, 1.0, 0), _decode_latents(3, 3, 2, 2.5, 3.0, 1),
+              _decode_latents(1, 1, 4, 0.25, 0.5, 2))),
+    Exercise("patchify", "06_dit", "(B, C, H, W) -> (B, N, P*P*C), patches row-major, (p1, p2, c) inside",
+             (_patchify((1, 4, 8, 8), 2, 0), _patchify((2, 3, 6, 10), 2, 1), _patchify((3, 4, 8, 8), 4, 2),
+              _patchify((2, 2, 3, 5), 1, 3))),
+    Exercise("unpatchify", "06_dit", "(B, N, P*P*C) -> (B, C, h P, w P), the inverse of patchify",
+             (_unpatchify(1, 4, 4, 4, 2, 0), _unpatchify(2, 3, 3, 5, 2, 1), _unpatchify(2, 2, 2, 2, 4, 2))),
+    Exercise("sincos_2d", "06_dit", "PE(x, y) = [sin(x w), cos(x w), sin(y w), cos(y w)], w_k = 10000^(-k / (D/4))",
+             (_sincos_2d(32, 4, 4), _sincos_2d(64, 16, 16), _sincos_2d(8, 3, 5), _sincos_2d(128, 2, 7))),
+    Exercise("modulate", "06_dit", "adaLN: x (1 + scale) + shift, per sample, over every token",
+             (_modulate(2, 16, 32, 0), _modulate(3, 5, 8, 1), _modulate(1, 1, 4, 2))),
+    Exercise("adaln_block", "06_dit", "x + gate1 Attn(modulate(LN(x))), then + gate2 MLP(modulate(LN(x)))",
+             (_adaln_block(2, 16, 32, 2, 0), _adaln_block(3, 7, 16, 4, 1), _adaln_block(1, 4, 64, 1, 2))),
 )}
 
 

@@ -94,6 +94,41 @@ def _lpips_unnormalised(fxs, fys, ws):
     return sum((w * (fx - fy) ** 2).sum(1).mean((1, 2)) for fx, fy, w in zip(fxs, fys, ws))
 
 
+def _patchify_channel_first(z, P):
+    B, C, H, W = z.shape
+    return z.reshape(B, C, H // P, P, W // P, P).permute(0, 2, 4, 1, 3, 5).reshape(B, (H // P) * (W // P), -1)
+
+
+def _unpatchify_h_w_swapped(tokens, P, h, w):
+    B, N, D = tokens.shape
+    C = D // (P * P)
+    return tokens.reshape(B, w, h, P, P, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, h * P, w * P)
+
+
+def _sincos_rows_first(D, h, w, quarter=True):
+    k = D // 4 if quarter else D // 2
+    omega = 10000.0 ** (-torch.arange(D // 4, dtype=torch.float64) / k)
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    code = [torch.cat([torch.sin(p.flatten().double()[:, None] * omega), torch.cos(p.flatten().double()[:, None] * omega)],
+                      1) for p in (xs, ys)]
+    return torch.cat(code[::-1] if quarter else code, 1).float()
+
+
+def _adaln_block_ungated(block, x, c):
+    D = x.shape[-1]
+    shift1, scale1, gate1, shift2, scale2, gate2 = block.adaLN_modulation(c).chunk(6, dim=1)
+    x = x + block.attn(F.layer_norm(x, (D,), eps=1e-6) * (1 + scale1[:, None]) + shift1[:, None])
+    return x + block.mlp(F.layer_norm(x, (D,), eps=1e-6) * (1 + scale2[:, None]) + shift2[:, None])
+
+
+def _adaln_block_one_norm(block, x, c):  # the second sub-layer reads the first one's normalised input
+    D = x.shape[-1]
+    shift1, scale1, gate1, shift2, scale2, gate2 = block.adaLN_modulation(c).chunk(6, dim=1)
+    h = F.layer_norm(x, (D,), eps=1e-6)
+    x = x + gate1[:, None] * block.attn(h * (1 + scale1[:, None]) + shift1[:, None])
+    return x + gate2[:, None] * block.mlp(h * (1 + scale2[:, None]) + shift2[:, None])
+
+
 # One or two plausible mistakes per exercise; `True` marks one that only a hidden case catches.
 WRONG = {
     "reparameterize": [(lambda m, lv, e: m + torch.exp(lv) * e, False)],            # var, not std
@@ -119,6 +154,17 @@ WRONG = {
     "ddim_step": [(_ddim_no_sigma_in_direction, True),
                   (lambda xt, e, ab_t, ab_prev, eta=0.0, noise=None: math.sqrt(ab_prev / ab_t) * xt, False)],
     "guidance": [(lambda c, u, w: c + w * (c - u), False)],                          # Ho & Salimans' w, off by one
+    "encode_latents": [(lambda ae, x: ae.encode(x).mode() / ae.scale_factor, False),  # the scaling inverted
+                       (lambda ae, x: ae.encode(x).sample(torch.Generator().manual_seed(0)) * ae.scale_factor,
+                        False)],                                                      # a sample, not the mode
+    "decode_latents": [(lambda ae, z0, scale=None: ae.decode(z0 * ae.scale_factor).clamp(-1, 1), False),
+                       (lambda ae, z0, scale=None: ae.decode(z0).clamp(-1, 1), False)],  # the scaling forgotten
+    "patchify": [(_patchify_channel_first, False)],                                   # (c, p1, p2) inside a token
+    "unpatchify": [(_unpatchify_h_w_swapped, True)],                                  # right for square grids only
+    "sincos_2d": [(_sincos_rows_first, False),                                        # the row code first
+                  (lambda D, h, w: _sincos_rows_first(D, h, w, quarter=False), False)],  # frequencies over D/2
+    "modulate": [(lambda x, shift, scale: x * scale[:, None] + shift[:, None], False)],  # no "1 +"
+    "adaln_block": [(_adaln_block_ungated, False), (_adaln_block_one_norm, False)],
 }
 
 
