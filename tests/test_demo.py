@@ -3,6 +3,7 @@ captioned coloured digits and writes the pipeline, the prompt grid, the guidance
 `demo-autoencoders` (the stage-1 photo showcase) still writes its models and PSNR/SSIM beside the floor."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,14 @@ def test_demo_quick_trains_both_stages_and_reports(tmp_path):
     assert {s["guidance_scale"] for s in report["samplers"]} == {best}
     text = (out / "report.md").read_text()
     assert "reconstructions" in text and "a red 7 on grass" in text
+    # --resume after an interruption between the phases: stage 1 reloads its finished checkpoint, stage 2 (no
+    # checkpoint yet) trains from scratch, and the results come out the same
+    shutil.rmtree(out / "denoiser")
+    r = run("demo", "--quick", "--steps-scale", "0.1", "--out", str(out), "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = json.loads((out / "report.json").read_text())
+    assert again["sweep"] == report["sweep"] and again["reconstructions"] == report["reconstructions"]
+    assert again["denoiser"]["steps"] == report["denoiser"]["steps"]
 
 
 def test_demo_autoencoders_writes_models_grids_and_report(tmp_path):

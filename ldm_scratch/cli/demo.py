@@ -58,6 +58,15 @@ def add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--minutes-scale", type=float, default=1.0,
                    help="multiply every phase's time cap (on a machine shared with other jobs: the same steps, "
                         "so the same results, just later)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted demo in --out: each training phase resumes from its checkpoint "
+                        "(a finished one only reloads); the results are recomputed")
+
+
+def resume_flag(args: argparse.Namespace, run_dir: Path) -> list[str]:
+    """["--resume"] for a phase whose run folder holds a checkpoint when the demo resumes; else [] (that phase
+    had not started: it trains from scratch)."""
+    return ["--resume"] if args.resume and (run_dir / "checkpoint.pt").is_file() else []
 
 
 def demo(args: argparse.Namespace) -> dict:
@@ -86,7 +95,7 @@ def demo(args: argparse.Namespace) -> dict:
             "--disc-start", str(max(1, int(a["disc_start"] * n / a["steps"]))),
             "--perceptual-weight", str(a["perceptual_weight"]), "--max-minutes",
             str(minutes(a["minutes"])), "--sample-every", str(max(1, n // 4)), "--ckpt-every", str(max(1, n // 4)),
-            "--out", str(out / "autoencoder")]
+            "--out", str(out / "autoencoder")] + resume_flag(args, out / "autoencoder")
     print(f"\n== stage 1: train-autoencoder {' '.join(argv)}")
     res = train_autoencoder(train_autoencoder_parser().parse_args(argv))
     ae = res.pop("task").ae.eval()
@@ -101,7 +110,7 @@ def demo(args: argparse.Namespace) -> dict:
             "--p-uncond", "0.1", "--steps", str(n), "--batch-size", str(d["batch"]), "--precision", "auto",
             "--max-minutes", str(minutes(d["minutes"])),
             "--sample-every", str(0 if quick else max(1, n // 3)), "--ckpt-every", str(max(1, n // 6)),
-            "--sample-steps", str(ev["steps"]), "--out", str(out / "denoiser")]
+            "--sample-steps", str(ev["steps"]), "--out", str(out / "denoiser")] + resume_flag(args, out / "denoiser")
     print(f"\n== stage 2: {' '.join(argv)}")
     parser = argparse.ArgumentParser(prog="python -m ldm_scratch train-diffusion")
     add_train_diffusion(parser)
