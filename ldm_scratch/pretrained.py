@@ -2,9 +2,8 @@
 
 Where it sits: the first room of the pipeline, already built. 05_latent_diffusion, 06_dit and
 07_text_to_image load one of these frozen KL autoencoders (Rombach et al. 2022, Sec. 3) and spend
-their CPU minutes on the denoiser instead. `mnist-f4` is the residual `mnist-f4-res` preset (autoencoder.py:
-DC-AE's parameter-free shortcuts around every resampling), `colored-f4` the SD-layout `small-f4` preset, both
-trained by the package's own `train-autoencoder` command; scripts/train_stage1_weights.py rebuilds them from scratch and
+their CPU minutes on the denoiser instead. Both are the `small-f4` preset trained by the package's own
+`train-autoencoder` command; scripts/train_stage1_weights.py rebuilds them from scratch and
 ldm_scratch/weights/README.md records how (command, steps, wall time, held-out PSNR/SSIM).
 
 A model is a folder (checkpoint.py): config.json, with the measured scale_factor, and model.pt. The
@@ -25,7 +24,7 @@ REBUILD = "python scripts/train_stage1_weights.py"
 
 # name -> (folder under ldm_scratch/weights/, one-line description)
 PRETRAINED_AUTOENCODERS: dict[str, tuple[str, str]] = {
-    "mnist-f4": ("ae_mnist_f4", "MNIST-5k digits 1 x 32 x 32 -> latents 4 x 8 x 8 (mnist-f4-res, residual, f = 4)"),
+    "mnist-f4": ("ae_mnist_f4", "MNIST-5k digits 1 x 32 x 32 -> latents 4 x 8 x 8 (small-f4, f = 4)"),
     "colored-f4": ("ae_colored_f4", "captioned coloured digits 3 x 32 x 32 -> latents 4 x 8 x 8 (small-f4, f = 4)"),
 }
 
