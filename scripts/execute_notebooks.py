@@ -26,11 +26,11 @@ def main() -> int:
     args = p.parse_args()
     root = Path(__file__).resolve().parents[1]
     os.environ["PYTHONPATH"] = str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    if args.quick:
-        os.environ["LDM_QUICK"] = "1"
-    else:
+    if args.quick:  # as the tests run them: no display, figures drawn and dropped
+        os.environ["LDM_QUICK"], os.environ["MPLBACKEND"] = "1", "Agg"
+    else:  # the kernel's inline backend, so the saved notebook keeps its figures (MPLBACKEND=Agg would drop them)
         os.environ.pop("LDM_QUICK", None)
+        os.environ.pop("MPLBACKEND", None)
     for path in args.notebooks:
         if not path.is_file():
             print(f"no such notebook: {path}", file=sys.stderr)
