@@ -55,6 +55,15 @@ CLAIMS = [
     ("06_dit",
      rf"FID DiT {NUM} vs U-Net {NUM}",
      rf"the DiT is ahead: FID {NUM} vs\s+{NUM}"),
+    ("05_latent_diffusion",
+     rf"64x64x4: 48x the elements, {NUM}x the FLOPs per step",
+     rf"small-latent` U-Net: {NUM}x with"),
+    ("05_latent_diffusion",
+     rf"as a real pixel U-Net would be built\): {NUM}x the FLOPs",
+     rf"self-attention at every level, {NUM}x with attention only"),
+    ("05_latent_diffusion",
+     rf"\+ decode:\s+\S+ TFLOPs \({NUM}x less",
+     rf"30 guided pixel steps cost {NUM}x the FLOPs"),
 ]
 # README groups that name the same quantity in another order than the notebook prints it
 ORDER = {4: (0, 2, 1)}  # the ablation: the README lists adaLN-Zero, in-context, cross-attention
