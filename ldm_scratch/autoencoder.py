@@ -1,8 +1,8 @@
 """Stage 1: the KL-regularised autoencoder (Rombach et al. 2022, Sec. 3 and App. G).
 
 Images (B, C, H, W) in [-1, 1] -> a diagonal Gaussian posterior q(z|x) over latents (B, c, H/f, W/f)
--> a decoder back to (B, C, H, W). Stage 2 dreams in z * scale_factor; the decoder renders the final
-latent once. The layout (and so the parameter names convert.py maps onto) follows LDM/SD:
+-> a decoder back to (B, C, H, W). Stage 2 dreams in (z - shift_factor) * scale_factor (scale_latents;
+shift_factor is 0 for the SD layout); the decoder renders the final latent once (unscale_latents, decode). The layout (and so the parameter names convert.py maps onto) follows LDM/SD:
 
   Encoder: conv_in -> per level [num_res_blocks ResnetBlocks, Downsample except at the last level]
            -> mid (ResnetBlock, single-head SelfAttention2d, ResnetBlock) -> GroupNorm, SiLU, conv_out
@@ -243,12 +243,30 @@ class AutoencoderKL(nn.Module):
 
     @property
     def scale_factor(self) -> float:
-        """1 / std of the training latents; stage 2 works on z * scale_factor. Stored in the config."""
+        """1 / std of the training latents; stage 2 works on (z - shift_factor) * scale_factor. In the config."""
         return self.cfg.scale_factor
 
     @scale_factor.setter
     def scale_factor(self, value: float) -> None:
         self.cfg.scale_factor = float(value)
+
+    @property
+    def shift_factor(self) -> float:
+        """Mean of the training latents, subtracted before scaling (SD3/FLUX); 0.0 for the SD layout."""
+        return self.cfg.shift_factor
+
+    @shift_factor.setter
+    def shift_factor(self, value: float) -> None:
+        self.cfg.shift_factor = float(value)
+
+    def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Autoencoder latents -> the space stage 2 works in: (z - shift_factor) * scale_factor, zero mean and
+        unit spread over the training images. (B, c, h, w) -> (B, c, h, w)."""
+        return (z - self.shift_factor) * self.scale_factor if self.shift_factor else z * self.scale_factor
+
+    def unscale_latents(self, z0: torch.Tensor) -> torch.Tensor:
+        """Inverse of scale_latents: z0 / scale_factor + shift_factor, ready for decode."""
+        return z0 / self.scale_factor + self.shift_factor if self.shift_factor else z0 / self.scale_factor
 
     @property
     def last_layer(self) -> torch.Tensor:
@@ -355,7 +373,15 @@ def _check_latents(z: torch.Tensor, cfg: AutoencoderConfig) -> None:
 def measure_scale_factor(model: AutoencoderKL, data: torch.Tensor | Iterable, batch_size: int = 64,
                          max_batches: int | None = None, sample_posterior: bool = True,
                          generator: torch.Generator | None = None) -> float:
-    """scale_factor = 1 / std(z) over the training images, so stage 2 sees latents of unit spread.
+    """scale_factor = 1 / std(z) over the training images (measure_latent_stats says how)."""
+    return measure_latent_stats(model, data, batch_size, max_batches, sample_posterior, generator)[1]
+
+
+@torch.no_grad()
+def measure_latent_stats(model: AutoencoderKL, data: torch.Tensor | Iterable, batch_size: int = 64,
+                         max_batches: int | None = None, sample_posterior: bool = True,
+                         generator: torch.Generator | None = None) -> tuple[float, float]:
+    """The mean and 1 / std of z over the training images, so stage 2 sees latents of unit spread.
 
     SD's 0.18215 is this number for its VAE on its data (Rombach et al. 2022, Sec. 4.3.2: the latents
     of a KL autoencoder are rescaled to unit variance, the std estimated from a batch of training
@@ -364,6 +390,9 @@ def measure_scale_factor(model: AutoencoderKL, data: torch.Tensor | Iterable, ba
     training images with .sample()); with LDM's tiny KL weight the posterior std is small next to the
     spread of the means, so modes give nearly the same number. The std is over every element (one
     number for all channels), centred, accumulated in float64 over all batches, not just the first.
+
+    Returns (mean, 1 / std): the shift_factor and the scale_factor. The std is centred, so it is the same
+    number whether or not the mean is then subtracted (SD3 subtracts it; SD 1.x/2.x do not).
 
     data: an (N, C, H, W) tensor, or an iterable of batches (a tensor or an (x, label, ...) tuple).
     """
@@ -388,4 +417,4 @@ def measure_scale_factor(model: AutoencoderKL, data: torch.Tensor | Iterable, ba
     # unbiased variance = (sum z^2 - n * mean^2) / (n - 1)
     mean = total / n
     var = (total_sq - n * mean * mean) / (n - 1)
-    return 1.0 / math.sqrt(var)
+    return mean, 1.0 / math.sqrt(var)

@@ -29,6 +29,10 @@ class AutoencoderConfig:
     mid_attention: bool = True           # single-head self-attention in the middle block
     # 1 / std of the training latents, measured after training (SD's is 0.18215); 1.0 = not measured yet.
     scale_factor: float = 1.0
+    # the mean of the training latents, subtracted before scaling (SD3's and FLUX's shift_factor): stage 2
+    # works on (z - shift_factor) * scale_factor. Measured for shortcut "residual" (whose latent is a block
+    # mean of the image, far from zero on dark digits); 0.0 for the SD layout, as in SD 1.x/2.x.
+    shift_factor: float = 0.0
     # "none": Stable Diffusion's layout (loads SD weights). "residual": DC-AE's parameter-free shortcuts
     # around every resampling and at both ends (Chen et al. 2024), so the network learns a residual over a
     # non-learned codec; see autoencoder.py. Folders saved before this field existed load as "none".

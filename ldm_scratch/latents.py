@@ -34,7 +34,8 @@ HASH_CHUNK = 1 << 20  # read model files 1 MiB at a time: an SD-sized model.pt (
 @torch.no_grad()
 def encode_images(ae: AutoencoderKL, images: Tensor, batch_size: int = 256, precision: str = "auto",
                   progress: bool = True) -> Tensor:
-    """images (N, C, H, W) in [-1, 1] -> z0 = mode(q(z|x)) * scale_factor (N, c, H/f, W/f), CPU float32.
+    """images (N, C, H, W) in [-1, 1] -> z0 = (mode(q(z|x)) - shift_factor) * scale_factor (N, c, H/f, W/f),
+    CPU float32 (shift_factor is 0 for the SD layout).
 
     Why the mode (the posterior mean) and not a sample: a cache freezes whatever we store. LDM draws
     a fresh posterior sample each time it sees an image; a cached *sample* would instead bake one
@@ -57,7 +58,7 @@ def encode_images(ae: AutoencoderKL, images: Tensor, batch_size: int = 256, prec
     for x in tqdm(images.split(batch_size), desc="encode", disable=not progress):
         with autocast(device, precision):
             z = ae.encode(x.to(device)).mode()  # (B, C, H, W) -> (B, c, H/f, W/f)
-        out.append(z.float().cpu() * ae.scale_factor)
+        out.append(ae.scale_latents(z.float()).cpu())  # (z - shift_factor) * scale_factor
     ae.train(was_training)
     return torch.cat(out)  # (N, c, H/f, W/f)
 

@@ -4,7 +4,7 @@
     z_T ~ N(0, I) (B, c, h, w) -> the objective's sampler (DDPM: DDIM / DDPM steps of eps_theta(z_t, t, cond);
         rectified flow: Euler / Heun steps of v_theta), with classifier-free guidance (Ho & Salimans 2022)
         as ONE batched forward on [cond; null] -> z0
-    z0 / scale_factor -> AutoencoderKL.decode -> images (B, C, H, W) in [-1, 1], decoded once
+    z0 / scale_factor + shift_factor -> AutoencoderKL.decode -> images (B, C, H, W) in [-1, 1], decoded once
     -> output_type: diffusers' "pil", "np", "pt" (both in [0, 1]) or "latent" (z0, undecoded), or our "tensor"
 
 The denoiser never sees pixels: it dreams in the autoencoder's scaled latent space, and the decoder
@@ -190,7 +190,7 @@ class LatentDiffusionPipeline:
         DDPM always runs all T steps (num_inference_steps is DDIM's); eta is DDIM's noise, shift the flow's
         timestep shift (default: the one saved in its config). Deterministic given `generator` (on this device).
         output_type: "pil" (default), "np" or "pt" (images in [0, 1], diffusers' conventions), "latent" (z0
-        (N, c, h, w) in the scaled latent space, undecoded: decode(z0 / scale_factor) renders it), or "tensor"
+        (N, c, h, w) in the scaled latent space, undecoded: decode(unscale_latents(z0)) renders it), or "tensor"
         (ours: (N, C, H, W) in [-1, 1]); `postprocess` has the shapes.
         """
         device = self.device
@@ -217,7 +217,7 @@ class LatentDiffusionPipeline:
                     continue
                 # No clip_x0 above: latents are not bounded to [-1, 1] (only pixels are), so clipping would
                 # cut real content. Undo the unit-variance scaling (Sec. 4.3.2), then render once.
-                x = self.autoencoder.decode(z0 / self.autoencoder.scale_factor)  # (B, c, h, w) -> (B, C, H, W)
+                x = self.autoencoder.decode(self.autoencoder.unscale_latents(z0))  # (B, c, h, w) -> (B, C, H, W)
             out.append(x.float().clamp(-1, 1))
         images = torch.cat(out)  # (N, C, H, W), or the latents (N, c, h, w)
         return PipelineOutput(images if output_type == "latent" else postprocess(images, output_type))
@@ -294,20 +294,20 @@ class LatentDiffusionPipeline:
     @torch.no_grad()
     def encode(self, image: Any, precision: str = "auto") -> Tensor:
         """Images (a PIL image or a list, a uint8 array, or a float tensor in [-1, 1]; checked by
-        editing.image_to_tensor) -> scaled latents z0 = mode * scale_factor, (B, C, H, W) -> (B, c, h, w)."""
+        editing.image_to_tensor) -> scaled latents z0 = (mode - shift_factor) * scale_factor, (B, C, H, W) -> (B, c, h, w)."""
         x = editing.image_to_tensor(image, self.autoencoder.cfg.in_channels, self.image_size,
                                     self.autoencoder.cfg.f).to(self.device)
         self.autoencoder.eval()
         with autocast(self.device, precision):
             # the posterior's mode, not a sample: an edit is a deterministic function of its inputs
-            return self.autoencoder.encode(x).mode().float() * self.autoencoder.scale_factor
+            return self.autoencoder.scale_latents(self.autoencoder.encode(x).mode().float())
 
     @torch.no_grad()
     def decode(self, z0: Tensor, output_type: str = "tensor", precision: str = "auto") -> Any:
         """Scaled latents z0 (B, c, h, w) -> images (B, C, H, W) in output_type, as __call__ renders them."""
         self.autoencoder.eval()
         with autocast(self.device, precision):
-            x = self.autoencoder.decode(z0.to(self.device) / self.autoencoder.scale_factor)  # (B, c, h, w) -> (B, C, H, W)
+            x = self.autoencoder.decode(self.autoencoder.unscale_latents(z0.to(self.device)))  # (B, c, h, w) -> (B, C, H, W)
         return postprocess(x.float().clamp(-1, 1), output_type)
 
     def img2img(self, image: Any, strength: float = 0.6, prompt: str | list[str] | None = None,
@@ -327,11 +327,14 @@ class LatentDiffusionPipeline:
                 num_inference_steps: int = 30, guidance_scale: float = 3.0, generator: torch.Generator | None = None,
                 sampler: str | None = None, eta: float = 0.0, shift: float | None = None,
                 noise: Tensor | None = None, output_type: str = "pil", precision: str = "auto",
-                progress: bool = False) -> PipelineOutput:
+                progress: bool = False, paste: bool = True) -> PipelineOutput:
         """Inpainting without retraining: regenerate where the pixel mask (H, W) or (B, 1, H, W) is 1 (white),
-        keep the rest; at every step the kept latent is the encoded image noised to that step's level."""
+        keep the rest; at every step the kept latent is the encoded image noised to that step's level.
+        paste: put the image's own pixels back where the mask is 0 (default); False shows the decoder's
+        rendering everywhere (within its reconstruction error of the image there, plus what the repainted
+        cells next door leak through the decoder). Ignored for output_type "latent"."""
         return self._edit(image, mask, strength, prompt, class_labels, num_inference_steps, guidance_scale,
-                          generator, sampler, eta, shift, noise, output_type, precision, progress)
+                          generator, sampler, eta, shift, noise, output_type, precision, progress, paste)
 
     @torch.no_grad()
     def invert(self, image: Any, prompt: str | list[str] | None = None,
@@ -351,7 +354,7 @@ class LatentDiffusionPipeline:
 
     @torch.no_grad()
     def _edit(self, image, mask, strength, prompt, class_labels, num_inference_steps, guidance_scale, generator,
-              sampler, eta, shift, noise, output_type, precision, progress) -> PipelineOutput:
+              sampler, eta, shift, noise, output_type, precision, progress, paste=False) -> PipelineOutput:
         """img2img and inpaint: every option checked before any work, then encode -> edit_latent -> decode."""
         sampler = self.objective.sampler_names[0] if sampler is None else sampler
         editing.check_strength(strength)
@@ -368,7 +371,14 @@ class LatentDiffusionPipeline:
             z = editing.edit_latent(self.objective, self.denoiser, z0, strength, num_inference_steps, cond, null, w,
                                     sampler, generator, None if noise is None else noise.to(self.device), m, eta,
                                     shift, progress)
-        return PipelineOutput(z if output_type == "latent" else self.decode(z, output_type, precision))
+        if output_type == "latent":
+            return PipelineOutput(z)
+        if mask is None or not paste:
+            return PipelineOutput(self.decode(z, output_type, precision))
+        x = editing.paste_pixels(self.decode(z, "tensor", precision),
+                                 editing.image_to_tensor(image, self.autoencoder.cfg.in_channels, self.image_size, f),
+                                 editing.mask_to_pixels(mask, (z0.shape[0], 1, z0.shape[2] * f, z0.shape[3] * f)))
+        return PipelineOutput(postprocess(x, output_type))
 
     def _edit_condition(self, prompt, class_labels, B: int, guidance_scale: float, precision: str):
         """-> (cond for the B images, null, guidance): one prompt / label for all, or one per image."""

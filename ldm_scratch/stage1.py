@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm_scratch.autoencoder import AutoencoderKL, measure_scale_factor
+from ldm_scratch.autoencoder import AutoencoderKL, measure_latent_stats
 from ldm_scratch.config import AutoencoderConfig, LossConfig, TrainConfig, config_to_dict
 from ldm_scratch.losses import AutoencoderLoss
 from ldm_scratch.train import make_adamw, save_image_grid
@@ -114,13 +114,17 @@ class AutoencoderTask:
     # ------------------------------------------------------------------ after training
     def finish(self, data: torch.utils.data.Dataset, out_dir: str | os.PathLike,
                max_images: int = SCALE_IMAGES) -> float:
-        """Measure scale_factor = 1 / std(z) on (up to max_images) training images, store it in the
-        config and save the model folder `out_dir/model/` (raw weights). Returns the scale factor."""
+        """Measure scale_factor = 1 / std(z) on (up to max_images) training images, and for a residual
+        autoencoder shift_factor = mean(z) (its latent is a block mean of the image: on dark digits about
+        -0.8, which the scale would turn into a mean of -2 that the noise schedule meets far off zero);
+        store them in the config and save the model folder `out_dir/model/` (raw weights). Returns the
+        scale factor."""
         loader = torch.utils.data.DataLoader(data, batch_size=64, shuffle=False)
         # The generator must live where the latents are sampled (a CPU generator fails on cuda).
         generator = torch.Generator(next(self.ae.parameters()).device).manual_seed(0)
-        self.ae.scale_factor = measure_scale_factor(self.ae, loader, max_batches=max(1, max_images // 64),
-                                                    generator=generator)
+        mean, self.ae.scale_factor = measure_latent_stats(self.ae, loader, max_batches=max(1, max_images // 64),
+                                                          generator=generator)
+        self.ae.shift_factor = mean if self.ae.cfg.shortcut == "residual" else 0.0
         self.ae.save_pretrained(Path(out_dir) / "model")
         return self.ae.scale_factor
 

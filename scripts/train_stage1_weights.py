@@ -333,8 +333,8 @@ def render_readme(report: dict) -> str:
                                       for name, r in report["runs"].items()] + [""]
     lines += ["## Loading", "", "```python", "from ldm_scratch.pretrained import load_autoencoder",
               "ae = load_autoencoder(\"colored-f4\")      # or \"mnist-f4\"",
-              "z0 = ae.encode(x).sample() * ae.scale_factor  # (B, 3, 32, 32) -> (B, 4, 8, 8)",
-              "x_rec = ae.decode(z0 / ae.scale_factor)", "```", ""]
+              "z0 = ae.scale_latents(ae.encode(x).sample())  # (z - shift_factor) * scale_factor: (B, 3, 32, 32) -> (B, 4, 8, 8)",
+              "x_rec = ae.decode(ae.unscale_latents(z0))", "```", ""]
     return "\n".join(lines)
 
 

@@ -215,3 +215,57 @@ def test_train_autoencoder_cli_residual(tmp_path):
     assert res["steps"] == 2
     loaded = AutoencoderKL.from_pretrained(tmp_path / "run" / "model")
     assert loaded.cfg.shortcut == "residual" and loaded.cfg.in_channels == 1  # MNIST: the data decides
+    # a residual latent is a block mean of the (mostly black) digits: training measured and saved its mean
+    assert loaded.shift_factor < -0.3 and loaded.shift_factor == loaded.cfg.shift_factor
+
+
+# ---------------------------------------------------------------- the shift factor (SD3/FLUX)
+def test_latent_stats_closed_form_and_scale_shift_round_trip():
+    from ldm_scratch.autoencoder import measure_latent_stats, measure_scale_factor
+    model = perturb(AutoencoderKL(cfg())).eval()
+    x = torch.rand(6, 3, 16, 16) * 2 - 1.5  # dark images: latents far from zero
+    x = x.clamp(-1, 1)
+    with torch.no_grad():
+        z = model.encode(x).mode().double()
+    mean, scale = measure_latent_stats(model, x, batch_size=4, sample_posterior=False)
+    assert mean == pytest.approx(z.mean().item(), rel=1e-9, abs=1e-12)
+    assert scale == pytest.approx(1 / z.std().item(), rel=1e-9)  # centred, unbiased, over all batches
+    assert scale == measure_scale_factor(model, x, batch_size=4, sample_posterior=False)
+    model.scale_factor, model.shift_factor = scale, mean
+    z0 = model.scale_latents(z.float())
+    assert z0.mean().item() == pytest.approx(0.0, abs=1e-5) and z0.std().item() == pytest.approx(1.0, rel=1e-5)
+    assert torch.allclose(model.unscale_latents(z0), z.float(), atol=1e-6)
+    model.shift_factor = 0.0  # the SD layout's convention: z * scale_factor, exactly
+    assert torch.equal(model.scale_latents(z.float()), z.float() * scale)
+    assert torch.equal(model.unscale_latents(z0), z0 / scale)
+
+
+def test_shift_is_measured_for_residual_only_and_saved(tmp_path):
+    from ldm_scratch.config import LossConfig
+    from ldm_scratch.stage1 import AutoencoderTask
+    data = torch.utils.data.TensorDataset(torch.full((8, 3, 16, 16), -0.8) + 0.1 * torch.rand(8, 3, 16, 16))
+    for shortcut in ("none", "residual"):
+        task = AutoencoderTask(cfg(shortcut), LossConfig(perceptual_net="none"))
+        task.finish(data, tmp_path / shortcut)
+        loaded = AutoencoderKL.from_pretrained(tmp_path / shortcut / "model")
+        assert loaded.scale_factor == task.ae.scale_factor and loaded.shift_factor == task.ae.shift_factor
+        if shortcut == "none":
+            assert loaded.shift_factor == 0.0
+        else:  # zero branches: the latent is the block mean of the image, about -0.75
+            assert loaded.shift_factor == pytest.approx(-0.75, abs=0.02)
+    d = json.loads((tmp_path / "residual" / "model" / "config.json").read_text())
+    del d["config"]["shift_factor"]  # folders saved before the field existed load with no shift
+    (tmp_path / "residual" / "model" / "config.json").write_text(json.dumps(d))
+    assert AutoencoderKL.from_pretrained(tmp_path / "residual" / "model").shift_factor == 0.0
+
+
+def test_encode_images_and_pipeline_use_the_shift(tmp_path):
+    from ldm_scratch.latents import encode_images
+    model = AutoencoderKL(cfg()).eval()  # the codec: latent = block means
+    model.scale_factor, model.shift_factor = 2.0, -0.5
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    z0 = encode_images(model, x, precision="fp32", progress=False)
+    want, _ = codec(x, 4, 4)
+    assert torch.allclose(z0, (want + 0.5) * 2.0, atol=1e-6)
+    assert torch.allclose(model.decode(model.unscale_latents(z0)), F.interpolate(F.avg_pool2d(x, 4), scale_factor=4),
+                          atol=1e-6)
