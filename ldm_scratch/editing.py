@@ -1,9 +1,9 @@
 """Editing a real image in the latent: img2img (SDEdit), deterministic inversion, and inpainting.
 
 The latent is where a real image gets edited: encode it once, move it along the noise process, decode once.
-    image (B, C, H, W) in [-1, 1] -> AutoencoderKL.encode(.).mode() * scale_factor -> z0 (B, c, h, w)
+    image (B, C, H, W) in [-1, 1] -> AutoencoderKL.scale_latents(encode(.).mode()) -> z0 (B, c, h, w)
     -> noise z0 to a level set by the strength s -> denoise from there with the new condition -> z0'
-    -> decode(z0' / scale_factor), once
+    -> decode(unscale_latents(z0')), once
 (The posterior's mode, not a sample: an edit is then a deterministic function of the image, the noise and
 the condition, and strength 0 gives back the autoencoder's own reconstruction.)
 
@@ -34,7 +34,10 @@ by the encoded image noised to the step's new level with the same eps; only the 
 denoised freely. The mask is given in pixels and max-pooled to the latent grid (`mask_to_latent`).
 Deterministic samplers trace z_t = sqrt(ab) z0 + sqrt(1 - ab) eps (DDPM) or (1 - t) z0 + t eps (flow) for
 a denoiser that knows z0, so one fixed eps is the path the known region would follow; at the last level
-it is z0 itself, so the known latent comes back exactly.
+it is z0 itself, so the known latent comes back exactly. The decoded image does not: the decoder renders the
+kept latent no better than its own reconstruction, and the repainted cells next door reach into the kept pixels
+through its receptive field. So by default the image's own pixels are pasted back where the pixel mask is 0
+(`paste_pixels`, what image editors and diffusers' `apply_overlay` do): only the masked pixels are new.
 """
 from __future__ import annotations
 
@@ -126,6 +129,11 @@ def mask_to_latent(mask: Any, image_shape: tuple[int, ...], f: int) -> Tensor:
     """A pixel mask (H, W) or (B, 1, H, W), 1 = regenerate, as a tensor, a numpy array or a PIL image
     (white = regenerate) -> (B or 1, 1, H/f, W/f) bool. A latent cell is regenerated when any of its f x f
     pixels is: then no pixel the user wants repainted is pinned to the old content."""
+    return F.max_pool2d(mask_to_pixels(mask, image_shape).float(), f) > 0  # (B, 1, H, W) -> (B, 1, H/f, W/f)
+
+
+def mask_to_pixels(mask: Any, image_shape: tuple[int, ...]) -> Tensor:
+    """The pixel mask, checked, as (B or 1, 1, H, W) bool (True = regenerate); mask_to_latent says which forms."""
     B, _, H, W = image_shape
     if isinstance(mask, Image.Image):
         mask = np.asarray(mask.convert("L"))
@@ -143,7 +151,7 @@ def mask_to_latent(mask: Any, image_shape: tuple[int, ...], f: int) -> Tensor:
     if mask.numel() and not (0 <= mask.min().item() and mask.max().item() <= 1):   # NaN fails too
         raise ValueError(f"mask values must be in [0, 1] (1 = regenerate, 0 = keep); got values up to "
                          f"{mask.max().item():g}" + (": divide by 255" if mask.max().item() > 1 else ""))
-    return F.max_pool2d((mask > 0.5).float(), f) > 0                       # (B, 1, H, W) -> (B, 1, H/f, W/f)
+    return mask > 0.5
 
 
 # ------------------------------------------------------------------------------ the noise levels
@@ -239,6 +247,11 @@ def invert_latent(objective: Objective, model: Denoiser, z0: Tensor, num_steps: 
         eps = diffusion.guided_eps(model, x, t_batch, cond, null_cond, guidance_scale)
         x = ddim_invert_step(diffusion, eps, t, t_next, x)
     return x
+
+
+def paste_pixels(generated: Tensor, source: Tensor, pixel_mask: Tensor) -> Tensor:
+    """generated where the pixel mask (B or 1, 1, H, W) is True (regenerated), source elsewhere; (B, C, H, W)."""
+    return torch.where(pixel_mask.to(generated.device), generated, source.to(generated.device, generated.dtype))
 
 
 def round_trip(pipe: Any, image: Any, num_steps: int, guidance_scale: float = 1.0, **kw: Any) -> tuple[Tensor, Tensor, dict]:

@@ -234,6 +234,22 @@ def test_inpainting_keeps_the_unmasked_latent_exactly(name, strength):
     assert torch.equal(everywhere, plain)                   # a full mask is img2img
 
 
+@pytest.mark.parametrize("name", ["ddpm", "flow"])
+def test_inpainting_pastes_the_kept_pixels_back(name):
+    pipe, x = pipes()[name], images()
+    mask = torch.zeros(32, 32)
+    mask[8:24, 4:20] = 1                                    # one mask for both images
+    kw = dict(class_labels=[3, 7], strength=1.0, **{**FAST, "output_type": "tensor"})
+    pasted = pipe.inpaint(x, mask, generator=gen(2), **kw).images
+    rendered = pipe.inpaint(x, mask, generator=gen(2), paste=False, **kw).images
+    keep = (mask == 0).expand_as(x)
+    assert torch.equal(pasted[keep], x[keep])               # the kept pixels are the image's own
+    assert torch.equal(pasted[~keep], rendered[~keep])      # the masked ones are the decoder's
+    assert (rendered[keep] - x[keep]).abs().max() > 0.05    # which differs from the image where it keeps it
+    pil = pipe.inpaint(x, mask, generator=gen(2), **{**kw, "output_type": "np"}).images   # the other output types
+    assert np.allclose(pil, ((pasted + 1) / 2).permute(0, 2, 3, 1).numpy(), atol=1e-6)
+
+
 def test_inputs_in_every_accepted_form_give_the_same_edit():
     pipe = pipes()["ddpm"]
     arr = (np.arange(32 * 32).reshape(32, 32) % 256).astype(np.uint8)
@@ -342,6 +358,8 @@ def test_edit_command_writes_the_image(saved, tmp_path, capsys, name, mode, extr
     (["--strength", "nan"], r"--strength must be in \[0, 1\]"),
     (["--mode", "inpaint"], r"--mode inpaint needs --mask"),
     (["--mask", "MASK"], r"--mask is for --mode inpaint"),
+    (["--no-paste"], r"--no-paste is for --mode inpaint"),
+    (["--mode", "invert", "--no-paste"], r"--no-paste: not used by --mode invert"),
     (["--mode", "invert", "--strength", "0.5"], r"--strength: not used by --mode invert"),
     (["--mode", "inpaint", "--mask", "nowhere.png"], r"--mask nowhere.png: no such file"),
     (["--image", "nowhere.png"], r"--image nowhere.png: no such file"),

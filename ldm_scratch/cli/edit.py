@@ -34,6 +34,9 @@ def add_edit(p: argparse.ArgumentParser) -> None:
                    help="img2img / inpaint: how far to noise, 0 (the reconstruction) .. 1 (a fresh sample); "
                         "default 0.6 for img2img, 1.0 for inpaint")
     p.add_argument("--mask", default=None, help="inpaint: a PNG of the image's size, white = regenerate")
+    p.add_argument("--no-paste", action="store_true",
+                   help="inpaint: show the decoder's rendering of the kept region too (default: the image's own "
+                        "pixels are pasted back where the mask is black)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--prompt", default=None, help='text pipelines: the new caption, e.g. "a blue 1 on plain"')
     which.add_argument("--class-labels", type=int, default=None, help="class pipelines: the new label, e.g. 7")
@@ -60,7 +63,8 @@ def check_edit_flags(args: argparse.Namespace) -> None:
         if path is not None and not Path(path).is_file():
             raise ValueError(f"{flag} {path}: no such file")
     if args.mode == "invert":
-        given = [f for f, v in (("--strength", args.strength), ("--mask", args.mask), ("--eta", args.eta or None))
+        given = [f for f, v in (("--strength", args.strength), ("--mask", args.mask), ("--eta", args.eta or None),
+                                         ("--no-paste", args.no_paste or None))
                  if v is not None]
         if given:
             raise ValueError(f"{', '.join(given)}: not used by --mode invert (it runs the whole way to noise and back)")
@@ -68,6 +72,8 @@ def check_edit_flags(args: argparse.Namespace) -> None:
         if args.strength is not None and not 0 <= args.strength <= 1:   # NaN fails too
             raise ValueError(f"--strength must be in [0, 1] (0 = the reconstruction, 1 = a fresh sample); "
                              f"got {args.strength}")
+        if args.no_paste and args.mode != "inpaint":
+            raise ValueError(f"--no-paste is for --mode inpaint (this is --mode {args.mode})")
         if (args.mode == "inpaint") != (args.mask is not None):
             raise ValueError("--mode inpaint needs --mask MASK.png (white = regenerate)" if args.mode == "inpaint"
                              else f"--mask is for --mode inpaint (this is --mode {args.mode})")
@@ -113,7 +119,8 @@ def edit(args: argparse.Namespace) -> Path:
         strength = DEFAULT_STRENGTH[args.mode] if args.strength is None else args.strength
         kw = dict(strength=strength, eta=args.eta, generator=torch.Generator(pipe.device).manual_seed(args.seed),
                   num_inference_steps=args.steps, guidance_scale=w, progress=True, **options)
-        out = (pipe.inpaint(image, open_image("--mask", args.mask), **kw) if args.mode == "inpaint"
+        out = (pipe.inpaint(image, open_image("--mask", args.mask), paste=not args.no_paste, **kw)
+               if args.mode == "inpaint"
                else pipe.img2img(image, **kw)).images[0]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     out.save(args.out)
