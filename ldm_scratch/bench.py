@@ -1,7 +1,7 @@
 """The benchmark suite: what our models cost, next to diffusers' and under each speed lever, in one run.
 
 `python -m ldm_scratch bench [--quick] [--out DIR] [--threads N] [--device cpu|cuda] [--compile]` prints
-four tables and writes them to OUT/bench.md and OUT/bench.json. Every row names its machine (CPU model or
+five tables and writes them to OUT/bench.md and OUT/bench.json. Every row names its machine (CPU model or
 GPU), threads, dtype, batch and input shape: timings only mean something next to rows of the same run.
   1. ours vs diffusers at the same configuration and input (`compare`): forward+backward and forward-only
      ms per batch, peak memory, forward GFLOPs (metrics.count_flops), and the ratio ours/diffusers.
@@ -13,6 +13,10 @@ GPU), threads, dtype, batch and input shape: timings only mean something next to
   4. latent vs pixel (`latent_vs_pixel`): the same U-Net widths on 1x32x32 pixels and 4x8x8 latents (time
      and FLOPs per step), and the FLOPs of one U-Net step at 512x512x3 vs 64x64x4 (Rombach et al. 2022,
      Sec. 3: the f = 8 autoencoder's saving).
+  5. breakdown (`breakdown`): one training step (+ EMA) and one guided DDIM step per model at the default
+     precision, profiled with torch.profiler: the share of the step's time in matmul/conv, attention, norms,
+     pointwise ops, data movement, optimizer, EMA and Python/other (bench_profile.categorise), and the model
+     FLOP utilisation against a square matmul's GFLOP/s timed in the same run.
 Timing: `warmup` untimed reps, then the median of `reps` (torch.set_num_threads fixed). The median of a
 few reps resists other jobs on a shared machine; ratios within one run are the numbers to quote.
 """
@@ -29,10 +33,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ldm_scratch.device import resolve_precision
 from ldm_scratch.diffusion import GaussianDiffusion
 from ldm_scratch.metrics import count_flops
 from ldm_scratch.unet import UNet
 from ldm_scratch import bench_cases as cases
+from ldm_scratch import bench_profile as profiling
 from ldm_scratch import layers
 from ldm_scratch.bench_cases import Case, TwoForwardCFG  # noqa: F401 (re-exported)
 from ldm_scratch.bench_timing import (MiB, case_flops, fwd, fwd_bwd, machine, median_ms, peak_mib,  # noqa: F401
@@ -211,6 +217,69 @@ def latent_vs_pixel(args: argparse.Namespace, device: torch.device) -> tuple[lis
 
 
 # -------------------------------------------------------------------------------------------------
+# 5. step-time breakdown and model FLOP utilisation
+# -------------------------------------------------------------------------------------------------
+
+def breakdown(args: argparse.Namespace, device: torch.device,
+              models: list[str] | None = None) -> tuple[list[dict], list[str]]:
+    """Per model (the levers table's four) and step kind (one training step; for the denoisers also one
+    guided DDIM step): ms per step, achieved GFLOP/s, MFU against a square matmul timed now, and the share of
+    the step's time per op category (bench_profile's docstring defines them). All at the package's
+    default precision (device.resolve_precision("auto")). `models`: keep only the models whose name
+    contains one of these strings (tests)."""
+    all_models = cases.lever_models(args.quick)
+    chosen = {k: v for k, v in all_models.items() if models is None or any(m in k for m in models)}
+    if not chosen:
+        raise ValueError(f"no benchmark model matches {models}; models: {', '.join(all_models)}")
+    precision = resolve_precision("auto", device)
+    n = (4096 if args.quick else 8192) if device.type == "cuda" else (1024 if args.quick else 2048)
+    peaks = {p: profiling.matmul_peak_gflops(n, p, device, args.warmup, args.reps) for p in ("fp32", "bf16")}
+    peak = peaks[precision]
+    diffusion = GaussianDiffusion()
+    timesteps = diffusion.ddim_timesteps(CFG_PROBE_STEPS)
+    t, t_prev = timesteps[len(timesteps) // 2], timesteps[len(timesteps) // 2 + 1]  # a mid-trajectory step
+    notes = [f"matmul peak ({n}x{n} @ {n}x{n}, {torch.get_num_threads()} threads): "
+             f"fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 autocast {peaks['bf16']:.0f} GFLOP/s; "
+             f"mfu = gflops_s / peak_gflops_s, the peak of the precision used ({precision})",
+             "train = forward + loss (autocast), backward, clip_grad_norm_ + fused AdamW (train.make_adamw) + "
+             "zero_grad in range 'optimizer', EMA.update in range 'ema'; FLOPs = 3x the forward's",
+             f"guided sample = one DDIM step t={t}->{t_prev} with classifier-free guidance (w={GUIDANCE}): the "
+             "denoiser once on [cond; null] (2x batch) under autocast, no grad; FLOPs = that forward's",
+             "pct_*: share of the profiled step's wall time (profiled_ms) that ops of each category spent "
+             "in themselves (self-CPU time); pct_other = the rest: Python, autograd bookkeeping and the "
+             "profiler's own overhead (~ profiled_ms - step_ms); step_ms and MFU are timed without the "
+             "profiler. Categories: ldm_scratch/bench_profile.py"]
+    if device.type == "cuda":
+        notes.append("gpu_pct_*: the same categories over the kernels' time (attributed to the op that "
+                     "launched them); gpu_pct_other = the GPU's idle time")
+    rows = []
+    for name, (model, batch_fn, loss_fn, _) in chosen.items():
+        batch = batch_fn(device)
+        x = batch[0]  # (B, C, H, W)
+        m_train = cases.fresh_copy(model).to(device)
+        steps = {"train": (profiling.train_step(m_train, batch, loss_fn, device, precision),
+                           3 * profiling.forward_flops(lambda: loss_fn(m_train, batch)))}
+        if getattr(model, "null_class", None) is not None:  # a class-conditional denoiser: guidance applies
+            m_eval = cases.fresh_copy(model).to(device)
+            sample = profiling.guided_sample_step(m_eval, x, batch[1], device, precision, GUIDANCE, t, t_prev,
+                                                  diffusion)
+            steps["guided sample"] = (sample, profiling.forward_flops(sample))
+        for kind, (step, flops) in steps.items():
+            ms = median_ms(step, args.warmup, args.reps, device)
+            prof = profiling.profile_step(step, args.reps, device)
+            gflops_s = flops / 1e9 / (ms / 1000)
+            r = {"machine": machine(), "threads": torch.get_num_threads(),
+                 "dtype": "bf16 autocast" if precision == "bf16" else "fp32", "batch": x.shape[0],
+                 "input": "x".join(map(str, x.shape[1:])), "model": name, "step": kind, "step_ms": ms,
+                 "profiled_ms": prof["profiled_ms"], "gflop_per_step": flops / 1e9, "gflops_s": gflops_s,
+                 "peak_gflops_s": peak, "mfu": gflops_s / peak}
+            r.update({f"pct_{k}": v for k, v in prof["cpu_pct"].items()})
+            r.update({f"gpu_pct_{k}": v for k, v in prof.get("gpu_pct", {}).items()})
+            rows.append(r)
+    return rows, notes
+
+
+# -------------------------------------------------------------------------------------------------
 # Output and the command line
 # -------------------------------------------------------------------------------------------------
 
@@ -219,6 +288,7 @@ SECTIONS: dict[str, tuple[str, Callable]] = {
     "levers": ("2. levers: one training step, speed relative to fp32", levers),
     "sampling": ("3. sampling: DDIM with classifier-free guidance", sampling),
     "latent_vs_pixel": ("4. latent vs pixel: one denoiser family, cost per step", latent_vs_pixel),
+    "breakdown": ("5. step-time breakdown by op category, and model FLOP utilisation", breakdown),
 }
 BASE_COLUMNS = ["machine", "threads", "dtype", "batch", "input"]
 

@@ -1,12 +1,15 @@
 """The benchmark suite (ldm_scratch/bench.py) in quick mode: it runs end to end, writes bench.md and
 bench.json, and every table row names machine, threads, dtype, batch and input. Timings are not checked:
-they depend on the machine and on whatever else runs on it."""
+they depend on the machine and on whatever else runs on it (the breakdown's shares and MFU only for range).
+The breakdown's op categories (bench_profile.categorise) are checked on fake event names and trees."""
+import argparse
 import json
 import sys
 
 import pytest
+import torch
 
-from ldm_scratch import bench
+from ldm_scratch import bench, bench_profile
 
 BASE = ["machine", "threads", "dtype", "batch", "input"]
 
@@ -84,3 +87,110 @@ def test_bad_arguments_are_errors(tmp_path, capsys):
     assert bench.main(["--threads", "0", "--out", str(tmp_path)]) == 2
     with pytest.raises(SystemExit):
         bench.main(["--device", "tpu"])
+
+
+# -------------------------------------------------------------------------------------------------
+# 5. breakdown: the op categories (pure functions, fake events) and the section in quick mode
+# -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, category", [
+    ("aten::mm", "matmul_conv"), ("aten::addmm", "matmul_conv"), ("aten::bmm", "matmul_conv"),
+    ("aten::linear", "matmul_conv"), ("aten::mkldnn_convolution", "matmul_conv"),
+    ("aten::convolution_backward", "matmul_conv"), ("aten::_convolution", "matmul_conv"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu_backward", "attention"),
+    ("aten::_softmax", "attention"), ("aten::_softmax_backward_data", "attention"),
+    ("aten::native_group_norm", "norm"), ("aten::native_group_norm_backward", "norm"),
+    ("aten::native_layer_norm_backward", "norm"), ("aten::layer_norm", "norm"),
+    ("aten::silu", "pointwise"), ("aten::gelu_backward", "pointwise"), ("aten::add_", "pointwise"),
+    ("aten::mul", "pointwise"), ("aten::mse_loss", "pointwise"),
+    ("aten::copy_", "data_movement"), ("aten::_to_copy", "data_movement"), ("aten::to", "data_movement"),
+    ("aten::contiguous", "data_movement"), ("aten::cat", "data_movement"), ("aten::empty", "data_movement"),
+    ("aten::clone", "data_movement"), ("aten::view", "data_movement"),
+    ("autograd::engine::evaluate_function: MmBackward0", None), ("MmBackward0", None),
+    ("torch::autograd::AccumulateGrad", None), ("Optimizer.step#AdamW.step", None),
+    ("optimizer", "optimizer"), ("ema", "ema"),
+])
+def test_categorise_maps_op_names(name, category):
+    assert bench_profile.categorise(name) == category
+
+
+def test_categorise_sends_everything_inside_a_range_to_it():
+    assert bench_profile.categorise("aten::_fused_adamw_", "optimizer") == "optimizer"
+    assert bench_profile.categorise("aten::mm", "optimizer") == "optimizer"  # not matmul: it is the optimizer's
+    assert bench_profile.categorise("Optimizer.step#AdamW.step", "optimizer") == "optimizer"
+    assert bench_profile.categorise("aten::_foreach_lerp_", "ema") == "ema"
+    assert bench_profile.categorise("aten::_foreach_lerp_") == "pointwise"
+
+
+class _Event:
+    """The part of torch.autograd.profiler_util.FunctionEvent that category_times reads."""
+
+    def __init__(self, name, us, children=()):
+        self.name, self.us, self.cpu_children, self.cpu_parent = name, us, list(children), None
+        for c in self.cpu_children:
+            c.cpu_parent = self
+
+
+def test_category_times_walks_the_tree_and_attributes_range_children():
+    adamw = _Event("aten::_fused_adamw_", 30.0)
+    opt = _Event("optimizer", 5.0, [_Event("Optimizer.step#AdamW.step", 10.0, [adamw])])
+    linear = _Event("aten::linear", 2.0, [_Event("aten::t", 1.0), _Event("aten::addmm", 50.0)])
+    ema = _Event("ema", 1.0, [_Event("aten::_foreach_lerp_", 8.0)])
+    roots = [linear, _Event("aten::native_group_norm", 7.0), _Event("MmBackward0", 4.0), opt, ema]
+    events = roots + [e for r in roots for e in r.cpu_children] + [adamw]  # flat, as prof.events() is
+    totals = bench_profile.category_times(events, lambda e: e.us)
+    assert set(totals) == set(bench_profile.CATEGORIES)
+    assert totals["matmul_conv"] == 52.0 and totals["data_movement"] == 1.0 and totals["norm"] == 7.0
+    assert totals["optimizer"] == 45.0 and totals["ema"] == 9.0 and totals["attention"] == 0.0
+    pct = bench_profile.shares_pct(totals, wall=200.0)  # 114 categorised, 86 left for "other"
+    assert pct["other"] == pytest.approx(43.0) and sum(pct.values()) == pytest.approx(100.0)
+    over = bench_profile.shares_pct({"matmul_conv": 300.0, "norm": 100.0}, wall=200.0)  # overlapping threads
+    assert over == pytest.approx({"matmul_conv": 75.0, "norm": 25.0, "other": 0.0})
+    with pytest.raises(ValueError, match="positive"):
+        bench_profile.shares_pct(totals, wall=0.0)
+
+
+def _quick_args(**changes):
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    args = p.parse_args(["--quick"])
+    args.reps, args.warmup = 1, 1
+    vars(args).update(changes)
+    return args
+
+
+def _check_breakdown_row(row):
+    shares = {k: v for k, v in row.items() if k.startswith("pct_")}
+    assert set(shares) == {f"pct_{c}" for c in bench_profile.CATEGORIES + ("other",)}
+    assert all(0.0 <= v <= 100.0 for v in shares.values()), shares
+    assert sum(shares.values()) == pytest.approx(100.0, abs=1.0)
+    assert row["peak_gflops_s"] > 0 and row["gflops_s"] > 0 and row["step_ms"] > 0
+    assert 0.0 < row["mfu"] <= 1.5
+    assert row["mfu"] == pytest.approx(row["gflops_s"] / row["peak_gflops_s"])
+
+
+def test_breakdown_runs_in_quick_mode_on_one_small_model():
+    rows, notes = bench.breakdown(_quick_args(), torch.device("cpu"), models=["DiT"])
+    assert [r["step"] for r in rows] == ["train", "guided sample"]
+    for row in rows:
+        _check_breakdown_row(row)
+        assert all(row.get(c) is not None for c in BASE)
+    train, sample = rows
+    assert train["pct_optimizer"] > 0 and train["pct_ema"] > 0  # the ranges were seen
+    assert sample["pct_optimizer"] == 0 and sample["pct_ema"] == 0
+    assert any("matmul peak" in n for n in notes)
+
+
+def test_breakdown_section_covers_every_model_and_step(quick_run):
+    rows = quick_run[1]["sections"]["breakdown"]["rows"]
+    kinds = [(r["model"].split()[0], r["step"]) for r in rows]
+    assert kinds == [("AE", "train"), ("UNet", "train"), ("UNet", "guided sample"), ("UNet", "train"),
+                     ("UNet", "guided sample"), ("DiT", "train"), ("DiT", "guided sample")]
+    for row in rows:
+        _check_breakdown_row(row)
+
+
+def test_breakdown_unknown_model_is_an_error():
+    with pytest.raises(ValueError, match="no benchmark model matches"):
+        bench.breakdown(_quick_args(), torch.device("cpu"), models=["VAE-XL"])
