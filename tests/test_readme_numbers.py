@@ -64,9 +64,35 @@ CLAIMS = [
     ("05_latent_diffusion",
      rf"\+ decode:\s+\S+ TFLOPs \({NUM}x less",
      rf"30 guided pixel steps cost {NUM}x the FLOPs"),
+    # notebook 09: img2img at 0.4 and 0.6, the inversion round trips, inpainting's kept half
+    ("09_editing",
+     rf"\n\s+0\.4\s+{NUM} / {NUM} / {NUM}\s+{NUM} / {NUM} / {NUM}\n\s+0\.5[^\n]*\n\s+0\.6\s+{NUM} / {NUM} / {NUM}\s+"
+     rf"{NUM} / {NUM} / {NUM}",
+     rf"\| DDPM \(DDIM\) \| [^|]+\| [^|]+\| {NUM} / {NUM} \| {NUM} / {NUM} \|[\s\S]*?"
+     rf"\| flow \(Euler\) \| [^|]+\| [^|]+\| {NUM} / {NUM} \| {NUM} / {NUM} \|"),
+    ("09_editing",
+     rf"guidance 1:\n\s+steps\s+ddpm\s+flow\n\s+5\s+{NUM}\s+{NUM}\n\s+10\s+{NUM}\s+{NUM}\n\s+25\s+{NUM}\s+"
+     rf"{NUM}\n\s+50\s+{NUM}\s+{NUM}\n\s+100\s+{NUM}\s+{NUM}",
+     rf"\| DDPM \(DDIM\) \| {NUM} \| {NUM} \| {NUM} \| \*\*{NUM}\*\* \| {NUM} \|[\s\S]*?"
+     rf"\| flow \(Euler\) \| {NUM} \| {NUM} \| {NUM} \| \*\*{NUM}\*\* \| {NUM} \|"),
+    ("09_editing",
+     rf"\n\s+2\s+{NUM}\s+{NUM}\n\s+3\s+{NUM}\s+{NUM}\n\s+5\s+{NUM}\s+{NUM}",
+     rf"\*\* \| [\d.]+ \| {NUM} \| {NUM} \| {NUM} \|\n\| flow[^\n]*\*\* \| [\d.]+ \| {NUM} \| {NUM} \| {NUM} \|"),
+    ("09_editing",
+     rf"autoencoder reconstruction {NUM}\nddpm: inpainted, decoder's rendering {NUM}[\s\S]*?label: {NUM}\n"
+     rf"flow: inpainted, decoder's rendering {NUM}[\s\S]*?label: {NUM}[\s\S]*?right half blank: {NUM}",
+     rf"is {NUM} \(DDPM\) / {NUM} \(flow\) in the decoder's rendering, against the\nautoencoder's own {NUM}"
+     rf"[\s\S]*?label on {NUM} / {NUM} of them \({NUM} with"),
 ]
 # README groups that name the same quantity in another order than the notebook prints it
-ORDER = {4: (0, 2, 1)}  # the ablation: the README lists adaLN-Zero, in-context, cross-attention
+ORDER = {4: (0, 2, 1),  # the ablation: the README lists adaLN-Zero, in-context, cross-attention
+         # 09's img2img: the notebook prints (DDPM, flow) per strength, the README (0.4, 0.6) per objective; RMS / new
+         10: (0, 1, 6, 7, 3, 4, 9, 10),
+         # 09's round trips: the notebook prints (DDPM, flow) per step count, the README a row per objective
+         11: (0, 2, 4, 6, 8, 1, 3, 5, 7, 9),
+         12: (0, 2, 4, 1, 3, 5),
+         # 09's inpainting: README: rendered DDPM, flow, autoencoder, then labels DDPM, flow, blank
+         13: (1, 3, 0, 2, 4, 5)}
 
 
 def as_float(s: str) -> float:
