@@ -90,6 +90,18 @@ class DiffusionConfig:
     prediction: str = "eps"              # "eps" or "v"
 
 
+T_SAMPLINGS = ("logit_normal", "uniform")   # FlowConfig.t_sampling
+
+
+@dataclass
+class FlowConfig:
+    """The rectified-flow objective (flow.py): how t is drawn in training, and the default sampling shift."""
+    t_sampling: str = "logit_normal"   # SD3 Sec. 3.1 "rf/lognorm(0.00, 1.00)", its best; or "uniform"
+    logit_mean: float = 0.0            # m: t = sigmoid(n), n ~ N(m, s^2); m < 0 favours data, m > 0 noise
+    logit_std: float = 1.0             # s: larger spreads t towards both ends (s -> inf: t in {0, 1})
+    shift: float = 1.0                 # sampling shift (SD3 Sec. 5.3.2); 1 = none, SD3 uses 3.0 at 1024^2
+
+
 @dataclass
 class UNetConfig:
     """Stage 2 denoiser: the U-Net of DDPM/LDM with time scale-shift and (cross-)attention."""

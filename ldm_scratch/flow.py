@@ -18,28 +18,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from ldm_scratch.config import config_from_dict, config_to_dict
+# FlowConfig lives in config.py with every other config; imported here so `from ldm_scratch.flow import FlowConfig`
+# keeps working
+from ldm_scratch.config import T_SAMPLINGS, FlowConfig, config_from_dict, config_to_dict  # noqa: F401
 from ldm_scratch.diffusion import Cond, Denoiser, GaussianDiffusion, NullCond, _check_guidance, _stack_with_null
 
-T_SAMPLINGS = ("logit_normal", "uniform")
 SAMPLERS = ("euler", "heun")   # the first is the default
 TIME_SCALE = 1000.0            # the denoiser sees t * 1000: its time embedding was designed for DDPM's 0..999
-
-
-@dataclass
-class FlowConfig:
-    """The rectified-flow objective: how t is drawn in training, and the default sampling shift."""
-    t_sampling: str = "logit_normal"   # SD3 Sec. 3.1 "rf/lognorm(0.00, 1.00)", its best; or "uniform"
-    logit_mean: float = 0.0            # m: t = sigmoid(n), n ~ N(m, s^2); m < 0 favours data, m > 0 noise
-    logit_std: float = 1.0             # s: larger spreads t towards both ends (s -> inf: t in {0, 1})
-    shift: float = 1.0                 # sampling shift (SD3 Sec. 5.3.2); 1 = none, SD3 uses 3.0 at 1024^2
 
 
 def shift_time(t: Tensor | float, shift: float) -> Tensor | float:
