@@ -350,7 +350,8 @@ def _check_images(x: torch.Tensor, cfg: AutoencoderConfig) -> None:
         raise ValueError(f"image size {H}x{W} is not divisible by the downsampling factor f={f} "
                          f"(ch_mult has {len(cfg.ch_mult)} levels); use a size that is a multiple of {f}, "
                          f"e.g. {suggest}")
-    if x.numel() == 0:
+    if x.numel() == 0 or torch.compiler.is_compiling():
+        # a compiled graph checks shapes when it is traced; reading values back (.item()) would break the graph
         return
     lo, hi = (v.item() for v in torch.aminmax(x.detach().float()))  # NaN in x makes both NaN
     if not (math.isfinite(lo) and math.isfinite(hi)):
