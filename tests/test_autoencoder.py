@@ -127,6 +127,18 @@ def test_bad_input_messages():
         AutoencoderKL(get_preset(AUTOENCODER_PRESETS, "small-f8")).encode(torch.zeros(1, 3, 30, 30))
 
 
+def test_value_check_reads_no_values_while_compiling(monkeypatch):
+    """Under torch.compile the range check (.item(), a graph break) is skipped; the shape checks stay."""
+    model = AutoencoderKL(tiny())
+    with pytest.raises(ValueError, match=r"values up to 5"):
+        model.encode(torch.full((1, 3, 16, 16), 5.0))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with torch.no_grad():
+        model.encode(torch.full((1, 3, 16, 16), 5.0))   # no .item() call, so no error
+    with pytest.raises(ValueError, match=r"expected 3 image channel\(s\)"):
+        model.encode(torch.zeros(1, 1, 16, 16))
+
+
 # ---------------------------------------------------------------- model folders
 def test_save_load_round_trip(tmp_path):
     cfg = tiny()
