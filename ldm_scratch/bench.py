@@ -97,7 +97,7 @@ def levers(args: argparse.Namespace, device: torch.device) -> tuple[list[dict], 
         model, batch_fn, loss_fn, conv = build
         choices = ["fp32", "bf16", "bf16+fused-attn"] + (["channels_last", "bf16+channels_last"] if conv else [])
         if args.compile:
-            choices.append("compile")
+            choices += ["compile", "bf16+compile"]
         base = None
         for lever in choices:
             ms, extra = lever_step_ms(model, batch_fn, loss_fn, lever, args, device)
@@ -120,16 +120,20 @@ def lever_step_ms(model: nn.Module, batch_fn, loss_fn, lever: str, args, device)
         m = m.to(memory_format=torch.channels_last)
         batch = (batch[0].contiguous(memory_format=torch.channels_last),) + batch[1:]
     extra: dict = {}
-    if lever == "compile":
+    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if "bf16" in lever else contextlib.nullcontext
+    if "compile" in lever:
         try:
             start = time.perf_counter()
-            m = torch.compile(m)
-            loss_fn(m, batch).backward()  # compiles forward and backward
+            # static shapes: a training batch never changes shape, and inductor's dynamic-shape guards failed on
+            # the latent U-Net ("cannot determine truth value of Relational")
+            m = torch.compile(m, dynamic=False)
+            with amp():  # trace under the precision it will run in (autocast is part of the graph)
+                loss = loss_fn(m, batch)
+            loss.backward()  # compiles forward and backward
             extra["compile_s"] = time.perf_counter() - start
         except Exception as e:  # inductor needs a C++ compiler; report, do not fail the suite
             return None, {"skipped": f"torch.compile failed: {type(e).__name__}: {str(e)[:120]}"}
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if "bf16" in lever else contextlib.nullcontext
     attn = fused_attention_patch if "fused-attn" in lever else contextlib.nullcontext
 
     def step() -> None:
