@@ -25,12 +25,14 @@ from typing import Any, Callable
 
 import torch
 
+from ldm_scratch import editing
 from ldm_scratch.autoencoder import AutoencoderKL, DiagonalGaussian, measure_scale_factor
 from ldm_scratch.config import AUTOENCODER_PRESETS, DIT_PRESETS, DiffusionConfig, get_preset
 from ldm_scratch.diffusion import GaussianDiffusion
 from ldm_scratch.dit import DiTBlock, modulate, patchify, sincos_pos_embed_2d, unpatchify
 from ldm_scratch.latents import encode_images
 from ldm_scratch.losses import adaptive_weight, hinge_d_loss
+from ldm_scratch.objectives import DDPMObjective
 from ldm_scratch.perceptual import PerceptualLoss
 from ldm_scratch.pipeline import LatentDiffusionPipeline, build_denoiser
 
@@ -333,6 +335,35 @@ def _adaln_block(B: int, N: int, D: int, num_heads: int, seed: int) -> Case:
     return run
 
 
+
+# ---------------------------------------------------------------- 09: editing in the latent
+def _ddim_invert(kind: str, T: int, t: int, t_next: int, seed: int) -> Case:
+    def run(fn):
+        diffusion, _, _ = _schedule(kind, T)
+        g = _gen(seed)
+        x, eps = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(2))
+        ab_t = 1.0 if t == editing.CLEAN else float(diffusion.alpha_bars[t])   # the clean end: alpha_bar = 1
+        ab_next = float(diffusion.alpha_bars[t_next])
+        ref = editing.ddim_invert_step(diffusion, eps, t, t_next, x)
+        where = "x0" if t == editing.CLEAN else f"t={t}"
+        _close(fn(x, eps, ab_t, ab_next), ref, f"x_next ({kind} schedule, {where} -> t={t_next})",
+               rtol=1e-5, atol=1e-5)
+    return run
+
+
+def _inpaint_merge(kind: str, T: int, level: int, shape: tuple[int, ...], seed: int) -> Case:
+    def run(fn):
+        objective = DDPMObjective(DiffusionConfig(num_timesteps=T, schedule=kind))
+        g = _gen(seed)
+        z, z0, eps = (torch.randn(shape, generator=g) for _ in range(3))
+        mask = torch.rand(shape[0], 1, *shape[2:], generator=g) < 0.5              # (B, 1, h, w), True = regenerate
+        ab = 1.0 if level == editing.CLEAN else float(objective.diffusion.alpha_bars[level])
+        ref = torch.where(mask, z, editing.noise_to(objective, z0, level, eps))    # as editing.edit_latent does
+        where = "the clean level" if level == editing.CLEAN else f"t={level}"
+        _close(fn(z, z0, eps, mask, ab), ref, f"merged latent ({kind} schedule, {where}, shape {shape})",
+               rtol=1e-5, atol=1e-6)
+    return run
+
 EXERCISES: dict[str, Exercise] = {e.name: e for e in (
     Exercise("reparameterize", "01_autoencoder", "z = mean + exp(logvar / 2) * eps",
              (_reparameterize((2, 4, 8, 8), 0, 1.0), _reparameterize((3, 2, 5, 7), 7, 3.0),
@@ -383,6 +414,15 @@ EXERCISES: dict[str, Exercise] = {e.name: e for e in (
              (_modulate(2, 16, 32, 0), _modulate(3, 5, 8, 1), _modulate(1, 1, 4, 2))),
     Exercise("adaln_block", "06_dit", "x + gate1 Attn(modulate(LN(x))), then + gate2 MLP(modulate(LN(x)))",
              (_adaln_block(2, 16, 32, 2, 0), _adaln_block(3, 7, 16, 4, 1), _adaln_block(1, 4, 64, 1, 2))),
+    Exercise("ddim_invert_step", "09_editing", "x0 = (x - sqrt(1 - ab_t) eps) / sqrt(ab_t); "
+             "x_next = sqrt(ab_next) x0 + sqrt(1 - ab_next) eps",
+             (_ddim_invert("linear", 1000, 20, 40, 0), _ddim_invert("linear", 1000, editing.CLEAN, 0, 1),
+              _ddim_invert("cosine", 1000, 500, 700, 2), _ddim_invert("linear", 50, 10, 30, 3))),
+    Exercise("inpaint_merge", "09_editing", "z = m z + (1 - m) (sqrt(ab) z0 + sqrt(1 - ab) eps), the kept part "
+             "noised to the new level",
+             (_inpaint_merge("linear", 1000, 480, (2, 4, 8, 8), 0), _inpaint_merge("linear", 1000, editing.CLEAN,
+                                                                                   (3, 4, 8, 8), 1),
+              _inpaint_merge("cosine", 1000, 999, (1, 3, 5, 7), 2), _inpaint_merge("linear", 50, 0, (2, 2, 4, 4), 3))),
 )}
 
 

@@ -165,6 +165,11 @@ WRONG = {
                   (lambda D, h, w: _sincos_rows_first(D, h, w, quarter=False), False)],  # frequencies over D/2
     "modulate": [(lambda x, shift, scale: x * scale[:, None] + shift[:, None], False)],  # no "1 +"
     "adaln_block": [(_adaln_block_ungated, False), (_adaln_block_one_norm, False)],
+    "ddim_invert_step": [(lambda x, e, ab_t, ab_next: math.sqrt(ab_t) * (x - math.sqrt(1 - ab_next) * e)
+                          / math.sqrt(ab_next) + math.sqrt(1 - ab_t) * e, False),          # the sampler's step, not its inverse
+                         (lambda x, e, ab_t, ab_next: math.sqrt(ab_next / ab_t) * x, False)],  # eps left out
+    "inpaint_merge": [(lambda z, z0, e, m, ab: torch.where(m, math.sqrt(ab) * z0 + math.sqrt(1 - ab) * e, z), False),
+                      (lambda z, z0, e, m, ab: torch.where(m, z, z0), False)],          # the kept part not noised
 }
 
 
