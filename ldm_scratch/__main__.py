@@ -43,8 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, threads: bool | None = None) -> int:
+    """Run one command. threads: pick the torch thread count for a shared machine first
+    (device.set_safe_num_threads); default on when run as a program (`python -m ldm_scratch`, `ldm-scratch`),
+    off when called with an argv (tests, other Python code keep their own setting)."""
     args = build_parser().parse_args(argv)
+    if threads if threads is not None else argv is None:
+        from ldm_scratch.device import set_safe_num_threads
+        set_safe_num_threads()
     try:
         COMMANDS[args.command][1](args)
     except TrainingInterrupted as e:  # Ctrl-C: the step finished and was checkpointed; the message says how to resume
