@@ -1,5 +1,6 @@
 """The command line: a 3-step stage-1 run writes a loadable model folder with a measured scale
 factor; an unknown preset, flag or value exits non-zero and lists the valid ones."""
+import argparse
 import json
 import os
 import subprocess
@@ -309,3 +310,54 @@ def test_sample_names_a_missing_or_wrong_model_folder(saved_models, tmp_path, ca
     run_folder = saved_models["text"].parent  # OUT, holding OUT/pipeline
     assert_one_line_error(main, ["sample", "--model", str(run_folder), "--prompt", "a"], capsys,
                           f"did you mean {saved_models['text']}?")
+
+
+# ---------------------------------------------------------------- every numeric config flag, swept
+def _config_flags(command: str) -> list:
+    from ldm_scratch.__main__ import build_parser
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    return [a for a in sub._actions if a.option_strings and "checked" in getattr(a.type, "__qualname__", "")]
+
+
+def _sweep_cases():
+    from ldm_scratch.cli.flags import DEFAULT_RANGE, FIELD_RANGES
+    cases = []
+    for command in ("train-autoencoder", "train-diffusion"):
+        for action in _config_flags(command):
+            lo, lo_in, hi, hi_in = FIELD_RANGES.get(action.dest, DEFAULT_RANGE)
+            bad = ["nan", "inf", "-inf", "abc"] + (["-1"] if lo is not None else [])
+            if lo is not None and not lo_in:
+                bad.append(str(lo))                        # an open bound: the bound itself is refused
+            if hi is not None:
+                bad.append(str(hi + 1))
+            good = str(lo if lo is not None and lo_in else (lo + (1 if hi is None else (hi - lo) / 2)) if lo is not None
+                       else -1.5)
+            cases += [(command, action.option_strings[0], v, False) for v in bad] + [(command, action.option_strings[0],
+                                                                                       good, True)]
+    return cases
+
+
+SWEEP = _sweep_cases()
+
+
+def test_the_sweep_covers_every_numeric_field():
+    flags = {flag for _, flag, _, _ in SWEEP}
+    assert {"--lr", "--steps", "--batch-size", "--betas", "--ema-decay", "--kl-weight", "--ch-mult", "--depth",
+            "--logit-std", "--beta-end", "--seed"} <= flags
+    assert "--scale-factor" not in flags and "--shift-factor" not in flags   # measured, not set
+
+
+@pytest.mark.parametrize("command, flag, value, valid", SWEEP, ids=[f"{c}{f}={v}" for c, f, v, _ in SWEEP])
+def test_numeric_flags_refuse_nan_inf_words_and_out_of_range(command, flag, value, valid, capsys):
+    """Each numeric config flag, with NaN, inf, a word, -1 and its bounds: argparse refuses the bad ones with the
+    flag named (exit status 2, before any work) and takes a value inside the range."""
+    from ldm_scratch.__main__ import build_parser
+    argv = [command, flag, value] + (["0.5"] if flag == "--betas" else [])
+    if valid:
+        build_parser().parse_args(argv)
+        return
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and ("must be" in err or "expected" in err), err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -18,8 +19,53 @@ from ldm_scratch.diffusion import PREDICTIONS, SCHEDULES
 CHOICES = {"precision": ("auto", "bf16", "fp32"), "disc_loss": ("hinge", "vanilla"),
            "perceptual_net": ("default", "vgg16", "none"), "schedule": SCHEDULES, "prediction": PREDICTIONS,
            "adamw": ("auto", "fused", "foreach", "loop")}
-# Fields the command sets itself: the data decides the channels and size; the scale factor is measured.
-NOT_FLAGS = {"in_channels", "out_channels", "sample_size", "scale_factor"}
+# Fields the command sets itself: the data decides the channels and size; the scale and shift are measured.
+NOT_FLAGS = {"in_channels", "out_channels", "sample_size", "scale_factor", "shift_factor"}
+# The valid range of each numeric field, checked when the flag is parsed (argparse's error, exit status 2,
+# before any work): (low, low_inclusive, high, high_inclusive); None = unbounded. A field not listed must be
+# finite and >= 0. Every value must be finite (NaN and inf never pass).
+POSITIVE, AT_LEAST_1 = (0.0, False, None, False), (1, True, None, False)
+FIELD_RANGES: dict[str, tuple] = {
+    "lr": POSITIVE, "disc_lr": POSITIVE, "mlp_ratio": POSITIVE, "logit_std": POSITIVE, "shift": POSITIVE,
+    "adaptive_weight_max": POSITIVE,
+    "steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "log_every": AT_LEAST_1, "num_timesteps": AT_LEAST_1,
+    "ch": AT_LEAST_1, "ch_mult": AT_LEAST_1, "num_res_blocks": AT_LEAST_1, "z_channels": AT_LEAST_1,
+    "norm_groups": AT_LEAST_1, "num_heads": AT_LEAST_1, "patch_size": AT_LEAST_1, "hidden_size": AT_LEAST_1,
+    "depth": AT_LEAST_1, "disc_channels": AT_LEAST_1, "disc_layers": AT_LEAST_1, "max_length": AT_LEAST_1,
+    "dim": AT_LEAST_1, "attn_resolutions": AT_LEAST_1,
+    "betas": (0.0, True, 1.0, False), "ema_decay": (0.0, True, 1.0, True), "dropout": (0.0, True, 1.0, False),
+    "beta_start": (0.0, False, 1.0, False), "beta_end": (0.0, False, 1.0, False),
+    "seed": (0, True, 2 ** 63 - 1, True),
+    "logit_mean": (None, False, None, False), "logvar_init": (None, False, None, False),
+}
+DEFAULT_RANGE = (0, True, None, False)
+
+
+def _range_text(rng: tuple) -> str:
+    lo, lo_in, hi, hi_in = rng
+    parts = ([f"{'>=' if lo_in else '>'} {lo:g}"] if lo is not None else []) + \
+            ([f"{'<=' if hi_in else '<'} {hi:g}"] if hi is not None else [])
+    return " and ".join(parts) if parts else "finite"
+
+
+def checked(kind: type, name: str) -> Any:
+    """An argparse type: parse with `kind`, then require a finite value in FIELD_RANGES[name]."""
+    rng = FIELD_RANGES.get(name, DEFAULT_RANGE)
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        lo, lo_in, hi, hi_in = rng
+        ok = math.isfinite(value) and (lo is None or (value >= lo if lo_in else value > lo)) and \
+            (hi is None or (value <= hi if hi_in else value < hi))
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be {_range_text(rng)}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 # Photo crops drawn per epoch; the crops are random, so this only sets how often the order repeats.
 PHOTO_CROPS = 8192
 
@@ -35,7 +81,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         if isinstance(default, bool):
             kw["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, tuple):
-            kw.update(nargs="+", type=type(default[0]))
+            kw.update(nargs="+", type=checked(type(default[0]), f.name))
+        elif isinstance(default, (int, float)):
+            kw["type"] = checked(type(default), f.name)
         else:
             kw["type"] = type(default)
         if f.name in CHOICES:

@@ -19,7 +19,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ldm_scratch.cli.flags import NOT_FLAGS, add_config_flags, apply_flags
+from ldm_scratch.cli.flags import NOT_FLAGS, add_config_flags, apply_flags, checked
+# The evaluation helpers live in evaluation.py (re-exported here for older callers).
+from ldm_scratch.evaluation import (adherence_at, adherence_stats, evaluate_pipeline, heldout_captions,  # noqa: F401
+                                    reconstruction)
 from ldm_scratch.config import (DIT_PRESETS, UNET_PRESETS, DiffusionConfig, DiTConfig, TextEncoderConfig,
                                 UNetConfig, get_preset)
 from ldm_scratch.flow import T_SAMPLINGS, FlowConfig, RectifiedFlow
@@ -56,11 +59,11 @@ def add_latent_arguments(p: argparse.ArgumentParser) -> None:
     flow = p.add_argument_group("FlowConfig fields (--objective flow)")
     flow.add_argument("--t-sampling", dest="t_sampling", choices=T_SAMPLINGS, default=None,
                       help=f"how t is drawn in training (default {FlowConfig.t_sampling})")
-    flow.add_argument("--logit-mean", dest="logit_mean", type=float, default=None,
+    flow.add_argument("--logit-mean", dest="logit_mean", type=checked(float, "logit_mean"), default=None,
                       help=f"logit-normal t: the mean m (default {FlowConfig.logit_mean})")
-    flow.add_argument("--logit-std", dest="logit_std", type=float, default=None,
+    flow.add_argument("--logit-std", dest="logit_std", type=checked(float, "logit_std"), default=None,
                       help=f"logit-normal t: the spread s (default {FlowConfig.logit_std})")
-    flow.add_argument("--shift", dest="shift", type=float, default=None,
+    flow.add_argument("--shift", dest="shift", type=checked(float, "shift"), default=None,
                       help=f"the sampling timestep shift saved with the model, 1 = none (default {FlowConfig.shift})")
 
 
@@ -132,81 +135,6 @@ def latent_training_set(name: str) -> tuple[Tensor, Tensor, list[str] | None]:
         d = data.ColoredDigits("train")
         return d.images, d.labels, d.captions
     raise ValueError(f"unknown latent data {name!r}; valid: {', '.join(LATENT_DATA)}")
-
-
-def reconstruction(ae: Any, precision: str = "auto", batch_size: int = 256) -> Callable[[Tensor], Tensor]:
-    """x -> decode(mode(encode(x))) in [-1, 1], batched: what the autoencoder can render of real images."""
-    from ldm_scratch.device import autocast
-    device = next(ae.parameters()).device
-
-    @torch.no_grad()
-    def rec(x: Tensor) -> Tensor:
-        out = []
-        for xb in x.split(batch_size):
-            with autocast(device, precision):
-                out.append(ae.decode(ae.encode(xb.to(device)).mode()).float().clamp(-1, 1).cpu())
-        return torch.cat(out)  # (N, C, H, W) -> (N, C, H, W)
-    return rec
-
-
-def adherence_stats(rec: Callable[[Tensor], Tensor]) -> Any:
-    """adherence.fit_adherence on the autoencoder's reconstructions: its decoder renders every sample scored,
-    so its blur belongs in the statistics. A decoder that saturates a background pixel to full brightness
-    (an untrained one does) leaves no ink scale (ink_floor = 1); the real images' statistics stand in then."""
-    from ldm_scratch.adherence import fit_adherence
-    stats = fit_adherence(transform=rec)
-    if stats.ink_floor >= 1.0:
-        print("adherence: the autoencoder's reconstructions reach full brightness on background pixels "
-              "(untrained?); scoring with the statistics of the real images instead")
-        return fit_adherence()
-    return stats
-
-
-def heldout_captions(k: int) -> tuple[list[str], Tensor]:
-    """k held-out captions per digit (10 k) and their real images (10 k, 3, 32, 32): the prompts scored."""
-    from ldm_scratch.data import N_CLASSES, ColoredDigits
-    d = ColoredDigits("test")
-    idx = torch.cat([torch.nonzero(d.labels == c).flatten()[:k] for c in range(N_CLASSES)])
-    return [d.captions[i] for i in idx.tolist()], d.images[idx]
-
-
-def adherence_at(pipe: Any, captions: list[str], w: float, stats: Any, steps: int, seed: int,
-                 precision: str, sampler: str | None = None, eta: float = 0.0) -> dict:
-    """Prompt adherence (adherence.py) of one sample per caption at guidance w (sampler None: the pipeline's
-    default, its objective's first)."""
-    from ldm_scratch.adherence import prompt_adherence
-    x = pipe(prompt=captions, num_inference_steps=steps, guidance_scale=w, output_type="tensor", sampler=sampler,
-             eta=eta, generator=torch.Generator(pipe.device).manual_seed(seed), precision=precision).images
-    return prompt_adherence(x.cpu(), captions, stats=stats)
-
-
-def evaluate_pipeline(pipe: Any, k: int, steps: int, w: float, seed: int = 0, precision: str = "auto") -> dict:
-    """Score a trained pipeline at guidance w: class -> conditional accuracy and classifier-FID beside its
-    real-vs-real floor (stage2.score_digits); text -> prompt adherence on 10 k held-out captions beside the
-    same captions' real images through this autoencoder ("reconstructions"). Both read the decoded samples.
-
-    The reconstructions' score is a reference, not a ceiling: a guided sample can score above it. Guidance
-    pulls a sample towards the typical image of its caption (a clean stroke, a prototypical texture), while
-    a reconstruction keeps every quirk of its real image (a faint stroke, a dark patch of grass) and adds the
-    decoder's blur. The metric's true ceiling is its score on the real images (adherence.py: 0.98 / 1.00 /
-    0.99 for digit / colour / background)."""
-    from ldm_scratch.adherence import ink_map, prompt_adherence
-    from ldm_scratch.stage2 import eval_labels, score_digits
-    rec = reconstruction(pipe.autoencoder)  # "auto" (bf16 on CPU): the conv autoencoder's fast path
-    stats = adherence_stats(rec) if pipe.autoencoder.cfg.in_channels == 3 else None
-    if pipe.conditioning == "class":
-        labels = eval_labels(k)
-        x = pipe(class_labels=labels, num_inference_steps=steps, guidance_scale=w, output_type="tensor",
-                 generator=torch.Generator(pipe.device).manual_seed(seed), precision=precision).images.cpu()
-        if x.shape[1] == 3:  # coloured digits: the classifier reads the ink map (adherence.py), FID included
-            x = ink_map((x + 1) / 2, stats.ink_floor) * 2 - 1  # (N, 3, 32, 32) -> (N, 1, 32, 32)
-        return {"guidance_scale": w, "steps": steps, **score_digits(x, labels)}
-    if pipe.conditioning == "text":
-        captions, real = heldout_captions(k)
-        return {"guidance_scale": w, "steps": steps,
-                "adherence": adherence_at(pipe, captions, w, stats, steps, seed, precision),
-                "reconstructions": prompt_adherence(rec(real), captions, stats=stats)}
-    return {"note": "unconditional: nothing to score against (see samples/final.png)"}
 
 
 # ----------------------------------------------------------------------------- train-diffusion --space latent
