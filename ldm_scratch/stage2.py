@@ -29,12 +29,15 @@ from ldm_scratch.checkpoint import load_model_folder, save_model_folder
 from ldm_scratch.config import DiffusionConfig, TrainConfig, UNetConfig, config_from_dict, config_to_dict
 from ldm_scratch.device import autocast
 from ldm_scratch.diffusion import GaussianDiffusion
+# The evaluation helpers moved to evaluation.py; re-exported here, where notebooks and scripts import them from.
+from ldm_scratch.evaluation import eval_labels, evaluate, reference_digits, score_digits  # noqa: F401
+# DDIM steps for grids and evaluation: 30 of 1000 is enough for digits (one constant, in evaluation.py)
+from ldm_scratch.evaluation import SAMPLE_STEPS
 from ldm_scratch.train import EMA, make_adamw, save_image_grid
 from ldm_scratch.unet import UNet
 
 SPACES = ("pixel", "latent")   # where a saved denoiser works; this file trains and samples "pixel"
 SAMPLERS = ("ddim", "ddpm")
-SAMPLE_STEPS = 30              # DDIM steps for grids and evaluation: 30 of 1000 is enough for digits
 GRID_COLS = 8                  # samples per class in a grid
 GRID_SEED = 1234               # the grids' starting noise: fixed, so grids at different steps are comparable
 # (seed, step) -> one generator seed. Any stride larger than the number of steps keeps the seeds of
@@ -215,59 +218,3 @@ def generate(unet: UNet, diffusion: GaussianDiffusion, labels: torch.Tensor | in
                                           generator=generator, progress=progress, clip_x0=True, device=device)
         out.append(x.float().clamp(-1, 1))
     return torch.cat(out)  # (N, C, H, W)
-
-
-def evaluate(unet: UNet, diffusion: GaussianDiffusion, n_per_class: int = 50, num_steps: int = SAMPLE_STEPS,
-             guidance_scale: float = 3.0, generator: torch.Generator | None = None, batch_size: int = 256,
-             precision: str = "auto", classifier: nn.Module | None = None) -> dict[str, float]:
-    """Class-conditional samples scored by the MNIST classifier (metrics.py): conditional accuracy, and
-    classifier-FID against n real digits beside the real-vs-real FID at the same n (its floor); see
-    score_digits. Latent models (stage 3) sample through their pipeline and call score_digits themselves.
-    """
-    from ldm_scratch.metrics import DIGIT_SHAPE, NUM_CLASSES
-    made = (unet.cfg.in_channels, unet.cfg.sample_size, unet.cfg.sample_size)
-    if unet.cfg.num_classes != NUM_CLASSES or made != DIGIT_SHAPE:
-        raise ValueError(f"evaluate needs a U-Net making {DIGIT_SHAPE} digits of {NUM_CLASSES} classes (the "
-                         f"classifier's input); this one makes {made} with num_classes={unet.cfg.num_classes}")
-    labels = eval_labels(n_per_class)  # (n,): n_per_class of each digit
-    samples = generate(unet, diffusion, labels, num_steps=num_steps, guidance_scale=guidance_scale,
-                       generator=generator, precision=precision, batch_size=batch_size).cpu()
-    return score_digits(samples, labels, classifier)
-
-
-def eval_labels(n_per_class: int) -> torch.Tensor:
-    """(10 n_per_class,) labels, n_per_class of each digit; n_per_class is checked against the real pool
-    score_digits draws two disjoint sets of 10 n_per_class digits from (n <= 2,500)."""
-    from ldm_scratch.metrics import NUM_CLASSES
-    limit = 5000 // (2 * NUM_CLASSES)  # MNIST-5k holds 5,000 digits: two disjoint sets of n
-    if isinstance(n_per_class, bool) or not isinstance(n_per_class, int) or not 1 <= n_per_class <= limit:
-        raise ValueError(f"n_per_class must be in 1..{limit} (two disjoint sets of 10 n_per_class real digits "
-                         f"for the baseline); got {n_per_class!r}")
-    return torch.arange(NUM_CLASSES).repeat_interleave(n_per_class)
-
-
-def reference_digits(n: int) -> torch.Tensor:
-    """The n real digits (n, 1, 32, 32) that score_digits compares samples with: drawn with seed 0 from all
-    5,000 of MNIST-5k, the pool real_vs_real_fid draws its two sets from."""
-    from ldm_scratch.data import MNIST5k  # imported here: sampling must not need the data to load
-    from ldm_scratch.metrics import DIGIT_SHAPE
-    real = MNIST5k("all", pad_to=DIGIT_SHAPE[1]).images
-    return real[torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:n]]
-
-
-def score_digits(samples: torch.Tensor, labels: torch.Tensor, classifier: nn.Module | None = None) -> dict[str, float]:
-    """Digit samples (n, 1, 32, 32) in [-1, 1] asked for `labels` (n,): conditional accuracy, classifier-FID
-    against n real digits and the real-vs-real FID at the same n (the floor FID can reach).
-
-    The real digits are n drawn (seed 0) from all 5,000 of MNIST-5k, the pool real_vs_real_fid draws
-    its two sets from, so the two FIDs are measured alike. Most of that pool is training data: a model
-    that copied its training digits would also score near the floor, so read the FID beside the
-    accuracy and the grids, not alone.
-    """
-    from ldm_scratch.metrics import classifier_fid, conditional_accuracy, load_classifier, real_vs_real_fid
-    n = len(samples)
-    classifier = classifier if classifier is not None else load_classifier()
-    reference = reference_digits(n)
-    return {"cond_acc": conditional_accuracy(samples, labels, classifier),
-            "fid": classifier_fid(samples, reference, classifier),
-            "fid_real_vs_real": real_vs_real_fid(n, classifier), "n": n}

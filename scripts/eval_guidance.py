@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ldm_scratch.cli.stage3 import evaluate_pipeline  # noqa: E402
+from ldm_scratch.evaluation import evaluate_pipeline  # noqa: E402
 from ldm_scratch.pipeline import LatentDiffusionPipeline  # noqa: E402
 from ldm_scratch.stage2 import evaluate, load_diffusion_model  # noqa: E402
 

@@ -216,3 +216,15 @@ def test_second_eye_distance_ranks_like_the_classifier():
     assert floor == pytest.approx(second_eye_distance(real[order[:100]].float(), real[order[100:200]].float()))
     with pytest.raises(ValueError):
         second_eye_distance(torch.zeros(4, 3, 32, 32), b)
+
+
+def test_evaluation_helpers_have_one_home():
+    """evaluation.py holds them; stage2 and cli.stage3 re-export the same objects for older imports."""
+    import ldm_scratch.cli.stage3 as cli3
+    import ldm_scratch.stage2 as stage2
+    from ldm_scratch import evaluation
+    for name in ("eval_labels", "reference_digits", "score_digits", "evaluate"):
+        assert getattr(stage2, name) is getattr(evaluation, name)
+    for name in ("reconstruction", "adherence_stats", "heldout_captions", "adherence_at", "evaluate_pipeline"):
+        assert getattr(cli3, name) is getattr(evaluation, name)
+    assert stage2.SAMPLE_STEPS == evaluation.SAMPLE_STEPS

@@ -72,7 +72,8 @@ def resume_flag(args: argparse.Namespace, run_dir: Path) -> list[str]:
 def demo(args: argparse.Namespace) -> dict:
     """Train both stages, sample, sweep the guidance scale, write report.md and report.json."""
     from ldm_scratch.cli.stage2 import add_train_diffusion
-    from ldm_scratch.cli.stage3 import heldout_captions, reconstruction, train_latent
+    from ldm_scratch.cli.stage3 import train_latent
+    from ldm_scratch.evaluation import heldout_captions, reconstruction
     out, quick = Path(args.out), args.quick
     scale = args.steps_scale * (QUICK_STEPS if quick else 1.0)
     steps = lambda n: max(2, int(n * scale))  # noqa: E731
@@ -120,7 +121,7 @@ def demo(args: argparse.Namespace) -> dict:
 
     # 3. results ---------------------------------------------------------------------------------------
     from ldm_scratch.adherence import prompt_adherence
-    from ldm_scratch.cli.stage3 import adherence_at, adherence_stats
+    from ldm_scratch.evaluation import adherence_at, adherence_stats
     from ldm_scratch.pipeline import LatentDiffusionPipeline
     from ldm_scratch.train import save_image_grid
     pipe = LatentDiffusionPipeline.from_pretrained(res["pipeline"])
@@ -155,7 +156,7 @@ def demo(args: argparse.Namespace) -> dict:
 
 def heldout_reconstruction(ae: Any, out: Path) -> dict:
     """PSNR/SSIM of 256 held-out coloured digits against the non-learned floor; a grid of ten of them."""
-    from ldm_scratch.cli.stage3 import reconstruction
+    from ldm_scratch.evaluation import reconstruction
     from ldm_scratch.data import ColoredDigits
     from ldm_scratch.metrics import psnr, ssim
     from ldm_scratch.stage1 import floor_reconstruction, stack_images
