@@ -88,6 +88,8 @@ class _DeferredSigint:
             signal.signal(signal.SIGINT, self.previous)
 
 
+UNBOUNDED_STEPS = 10**7   # a step count no run reaches: the time budget (max_minutes) ends it
+
 ADAMW_IMPLS = ("auto", "fused", "foreach", "loop")
 
 
@@ -353,7 +355,11 @@ class Trainer:
             m.train()
         keys = getattr(self.task, "postfix_keys", None)
         # A saved notebook (or a log file) keeps every refresh: one a second on a terminal, one per 15 s elsewhere.
-        bar = tqdm(total=self.cfg.steps, initial=self.step, disable=not self.is_main, desc="train", dynamic_ncols=True,
+        # A run that the clock ends (max_minutes with a step count no budget reaches, as scripts/ae_recipe.py does)
+        # counts steps without a total: a total of 10^9 would show 0% and an ETA of a century.
+        timed = self.cfg.max_minutes > 0 and self.cfg.steps >= UNBOUNDED_STEPS
+        bar = tqdm(total=None if timed else self.cfg.steps, initial=self.step, disable=not self.is_main,
+                   desc=f"train ({self.cfg.max_minutes:g} min budget)" if timed else "train", dynamic_ncols=True,
                    mininterval=1.0 if _isatty(sys.stderr) else 15.0)
         start, batches, saved_at = time.time(), self._batches(), None
         anomaly = torch.autograd.set_detect_anomaly(True) if self.cfg.detect_anomaly else contextlib.nullcontext()

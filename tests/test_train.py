@@ -144,6 +144,21 @@ def test_max_minutes_stops_and_checkpoints(tmp_path, capsys):
     assert "time budget" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("steps, total", [(1000, 1000), (10**9, None)])
+def test_a_clock_ended_run_shows_no_step_total(tmp_path, monkeypatch, steps, total):
+    """steps = 10^9 with a time budget (scripts/ae_recipe.py): the bar counts steps, no 0% of 10^9 with its ETA."""
+    import ldm_scratch.train as train
+    seen = {}
+    real = train.tqdm
+
+    def spy(*args, **kw):
+        seen.update(kw)
+        return real(*args, **kw)
+    monkeypatch.setattr(train, "tqdm", spy)
+    Trainer(RegressionTask(), cfg(steps=steps, max_minutes=1e-9), regression_data(), tmp_path).fit()
+    assert seen["total"] == total and ("min budget" in seen["desc"]) == (total is None)
+
+
 def test_batch_must_split_over_ranks_and_fit_data(tmp_path):
     with pytest.raises(ValueError, match="fewer than one batch"):
         Trainer(RegressionTask(), cfg(batch_size=64), regression_data(), tmp_path)
