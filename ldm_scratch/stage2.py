@@ -29,6 +29,7 @@ from ldm_scratch.checkpoint import load_model_folder, save_model_folder
 from ldm_scratch.config import DiffusionConfig, TrainConfig, UNetConfig, config_from_dict, config_to_dict
 from ldm_scratch.device import autocast
 from ldm_scratch.diffusion import GaussianDiffusion
+from ldm_scratch.objectives import DDPMObjective, Objective
 # The evaluation helpers moved to evaluation.py; re-exported here, where notebooks and scripts import them from.
 from ldm_scratch.evaluation import eval_labels, evaluate, reference_digits, score_digits  # noqa: F401
 # DDIM steps for grids and evaluation: 30 of 1000 is enough for digits (one constant, in evaluation.py)
@@ -78,65 +79,149 @@ def draw_step_noise(seed: int, step: int, x0: torch.Tensor, T: int, rank: int = 
     return t[mine], eps[mine].to(x0.dtype), coin[mine]
 
 
-class DiffusionTask:
-    """The train.py task protocol for a pixel-space DDPM with condition dropout and EMA sampling."""
+def draw_objective_noise(objective: Objective, seed: int, step: int, x0: torch.Tensor, rank: int = 0,
+                         world: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's (t (B,), eps like x0, coin (B,) in [0, 1)) for `step`: objective.draw for the global batch of
+    world * B from a generator seeded by (seed, step), then the dropout coins from the same generator, then
+    this rank's slice. DDPMObjective.draw makes the calls of draw_step_noise in its order (randint, randn,
+    then rand here), so a DDPM run draws exactly what draw_step_noise draws (a test checks it)."""
+    B = x0.shape[0]
+    n = B * world                                          # the global batch
+    g = torch.Generator(x0.device).manual_seed(seed * NOISE_SEED_STRIDE + step)
+    t, eps = objective.draw((n, *x0.shape[1:]), g, x0.device)   # t first, then eps: the objective's own draw
+    coin = torch.rand(n, generator=g, device=x0.device)
+    mine = slice(rank * B, (rank + 1) * B)                 # Trainer gives rank r the r-th slice of the batch
+    return t[mine], eps[mine].to(x0.dtype), coin[mine]
+
+
+class DenoiserTask:
+    """What every denoiser's training task shares, in pixels or in a latent (train.py's task protocol): one
+    optimizer, "model", over the trained modules; the objective's (t, eps) for the global batch from a generator
+    seeded by (seed, step), sliced per DDP rank (draw_objective_noise: resume is exact, 2 processes compute what
+    1 does); condition dropout for classifier-free guidance (Ho & Salimans 2022, Algorithm 1); the objective's
+    loss; DDP wrapping; and, at the end, the EMA weights saved and a final grid drawn from them.
+
+    A subclass says what is trained and how it is conditioned, sampled and saved: DiffusionTask (pixels, below)
+    and stage3.LatentDiffusionTask (an autoencoder's latents, a U-Net or a DiT, class / text / none)."""
+
+    folder_name = "model"   # finish() writes out_dir/<folder_name>/
+
+    def __init__(self, objective: Objective, p_uncond: float, seed: int, guidance_scale: float, precision: str,
+                 sample_steps: int):
+        if not 0.0 <= p_uncond <= 1.0:
+            raise ValueError(f"p_uncond must be a probability in [0, 1]; got {p_uncond}")
+        self.objective = objective
+        self.p_uncond, self.seed, self.guidance_scale, self.precision = p_uncond, seed, guidance_scale, precision
+        self.sample_steps = sample_steps  # steps per grid, each one forward of 2 x 80 images (tests use 2)
+        self.rank, self.world = 0, 1
+        self.postfix_keys = ["model_loss", "model_grad_norm"]
+
+    # ------------------------------------------------------------------ what a subclass provides
+    def ema_module(self) -> nn.Module:
+        """Everything trained (one module: the optimizer's parameters, and what the EMA averages)."""
+        raise NotImplementedError
+
+    def split_batch(self, batch: Any) -> tuple[torch.Tensor, Any]:
+        """A batch of the dataset -> (x0, the condition as stored: labels, (ids, mask) or None)."""
+        raise NotImplementedError
+
+    def drop_condition(self, cond: Any, drop: torch.Tensor) -> Any:
+        """The condition with the rows where drop (B,) is True replaced by the null condition."""
+        raise NotImplementedError
+
+    def model_condition(self, cond: Any) -> Any:
+        """What the denoiser is given for a (dropped-out) condition; text tasks encode the captions here."""
+        return cond
+
+    def save(self, folder: Path, ema: bool, step: int) -> None:
+        raise NotImplementedError
+
+    def wrap(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Route the forward passes through DDP wrappers."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ protocol, shared
+    def optimizers(self, cfg: TrainConfig) -> dict[str, torch.optim.Optimizer]:
+        # one optimizer for everything trained (a text encoder learns from the denoiser's loss alone)
+        return {"model": make_adamw(self.ema_module().parameters(), cfg)}
+
+    def step_noise(self, step: int, x0: torch.Tensor, cond: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """This rank's (t, eps, cond after dropout) for `step`: drawn for the global batch, then sliced."""
+        t, eps, coin = draw_objective_noise(self.objective, self.seed, step, x0, self.rank, self.world)
+        # Condition dropout (Ho & Salimans 2022, Algorithm 1): with probability p_uncond, c <- null
+        return t, eps, self.drop_condition(cond, coin < self.p_uncond)
+
+    def loss(self, name: str, batch: Any, step: int) -> tuple[torch.Tensor, dict]:
+        if name != "model":
+            raise ValueError(f"unknown optimizer name {name!r}; expected 'model'")
+        x0, cond = self.split_batch(batch)
+        t, eps, cond = self.step_noise(step, x0, cond)
+        # DDPM: Ho et al. 2020, Eq. 14 (with a condition): L_simple = E ||eps - eps_theta(x_t, t, y)||^2,
+        # x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps. Flow: E ||(eps - x0) - v_theta(x_t, t, y)||^2,
+        # x_t = (1 - t) x0 + t eps. The objective owns which (objectives.py).
+        return self.objective.loss(self.denoiser_forward, x0, self.model_condition(cond), t=t, eps=eps), {}
+
+    def distribute(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """DDP: the forward passes go through the wrappers (gradients averaged); the noise is sliced per rank."""
+        self.wrap(wrap)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    def finish(self, out_dir: str | os.PathLike, ema: EMA | None = None, step: int = 0, grid: bool = True) -> Path:
+        """Save `out_dir/<folder_name>/` with the EMA weights (the raw ones if ema is None) and, with `grid`,
+        `samples/final.png` from the same weights. Returns the folder."""
+        folder = Path(out_dir) / self.folder_name
+        if ema is not None:
+            ema.swap(self.ema_module())  # the averaged weights in; the second swap puts the raw ones back
+        try:
+            self.save(folder, ema is not None, step)
+            if grid:
+                self.sample(step, out_dir, name="final.png")
+        finally:
+            if ema is not None:
+                ema.swap(self.ema_module())
+        return folder
+
+
+class DiffusionTask(DenoiserTask):
+    """A pixel-space DDPM: a class-conditional (or unconditional) U-Net on images; saves `out_dir/model/`."""
 
     def __init__(self, unet_cfg: UNetConfig, diffusion_cfg: DiffusionConfig, p_uncond: float = 0.1,
                  seed: int = 0, guidance_scale: float = 3.0, precision: str = "auto",
                  sample_steps: int = SAMPLE_STEPS):
-        if not 0.0 <= p_uncond <= 1.0:
-            raise ValueError(f"p_uncond must be a probability in [0, 1]; got {p_uncond}")
         if unet_cfg.context_dim:
             raise ValueError("DiffusionTask conditions on class labels; a U-Net with context_dim > 0 (text) "
                              f"needs the text task of a later stage (got context_dim={unet_cfg.context_dim})")
-        self.unet_cfg, self.diffusion_cfg = unet_cfg, diffusion_cfg
-        self.p_uncond, self.seed, self.guidance_scale, self.precision = p_uncond, seed, guidance_scale, precision
-        self.sample_steps = sample_steps  # DDIM steps per grid, each one forward of 2 x 80 images (tests use 2)
-        self.unet = UNet(unet_cfg)
         self.diffusion = GaussianDiffusion(diffusion_cfg)
-        self.unet_forward: Callable = self.unet  # a DDP wrapper under torchrun (distribute)
-        self.rank, self.world = 0, 1
-        self.postfix_keys = ["model_loss", "model_grad_norm"]
+        # the objective wraps this very GaussianDiffusion: its draws are draw_step_noise's, its loss diffusion.loss
+        super().__init__(DDPMObjective.from_diffusion(self.diffusion), p_uncond, seed, guidance_scale, precision,
+                         sample_steps)
+        self.unet_cfg, self.diffusion_cfg = unet_cfg, diffusion_cfg
+        self.unet = UNet(unet_cfg)
+        self.denoiser_forward: Callable = self.unet  # a DDP wrapper under torchrun (distribute)
 
     # ------------------------------------------------------------------ protocol
     def modules(self) -> dict[str, nn.Module]:
         return {"unet": self.unet}
 
-    def optimizers(self, cfg: TrainConfig) -> dict[str, torch.optim.Optimizer]:
-        return {"model": make_adamw(self.unet.parameters(), cfg)}
-
-    def step_noise(self, step: int, x0: torch.Tensor,
-                   labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """This rank's (t, eps, cond) for `step`: drawn for the global batch, then sliced (see the docstring)."""
-        t, eps, coin = draw_step_noise(self.seed, step, x0, self.diffusion.T, self.rank, self.world)
-        if labels is None or self.unet.null_class is None:
-            return t, eps, None
-        # Condition dropout (Ho & Salimans 2022, Algorithm 1): with probability p_uncond, y <- null
-        cond = torch.where(coin < self.p_uncond, torch.full_like(labels, self.unet.null_class), labels)
-        return t, eps, cond
-
-    def loss(self, name: str, batch: Any, step: int) -> tuple[torch.Tensor, dict]:
-        if name != "model":
-            raise ValueError(f"unknown optimizer name {name!r}; expected 'model'")
-        x0, labels = (batch[0], batch[1]) if isinstance(batch, (list, tuple)) else (batch, None)
-        t, eps, cond = self.step_noise(step, x0, labels)
-        # Ho et al. 2020, Eq. 14 (with a label): L_simple = E ||eps - eps_theta(x_t, t, y)||^2,
-        # x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps
-        return self.diffusion.loss(self.unet_forward, x0, cond, t=t, eps=eps), {}
-
     def ema_module(self) -> nn.Module:
         return self.unet
+
+    def split_batch(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return (batch[0], batch[1]) if isinstance(batch, (list, tuple)) else (batch, None)
+
+    def drop_condition(self, labels: torch.Tensor | None, drop: torch.Tensor) -> torch.Tensor | None:
+        if labels is None or self.unet.null_class is None:
+            return None
+        return torch.where(drop, torch.full_like(labels, self.unet.null_class), labels)
+
+    def wrap(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        self.denoiser_forward = wrap(self.unet)
 
     def config_dict(self, ema: bool = True) -> dict:
         """Everything needed to rebuild the sampler: also the model folder's config.json."""
         return {"space": "pixel", "unet": config_to_dict(self.unet_cfg),
                 "diffusion": config_to_dict(self.diffusion_cfg), "p_uncond": self.p_uncond,
                 "guidance_scale": self.guidance_scale, "ema": ema}
-
-    def distribute(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
-        """DDP: the forward pass goes through the wrapper (so gradients are averaged); the noise is sliced."""
-        self.unet_forward = wrap(self.unet)
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
 
     @torch.no_grad()
     def sample(self, step: int, out_dir: str | os.PathLike, name: str | None = None) -> Path:
@@ -154,21 +239,8 @@ class DiffusionTask:
         return path
 
     # ------------------------------------------------------------------ after training
-    def finish(self, out_dir: str | os.PathLike, ema: EMA | None = None, step: int = 0,
-               grid: bool = True) -> Path:
-        """Save `out_dir/model/` with the EMA weights (the raw ones if ema is None) and, with `grid`,
-        a final grid `samples/final.png` from the same weights. Returns the model folder."""
-        folder = Path(out_dir) / "model"
-        if ema is not None:
-            ema.swap(self.unet)  # the averaged weights into the module; the second swap puts the raw ones back
-        try:
-            save_model_folder(folder, self.unet, self.config_dict(ema=ema is not None))
-            if grid:
-                self.sample(step, out_dir, name="final.png")
-        finally:
-            if ema is not None:
-                ema.swap(self.unet)
-        return folder
+    def save(self, folder: Path, ema: bool, step: int) -> None:
+        save_model_folder(folder, self.unet, self.config_dict(ema=ema))
 
 
 def load_diffusion_model(folder: str | os.PathLike,

@@ -17,7 +17,8 @@ Condition dropout (Ho & Salimans 2022, Algorithm 1): with probability p_uncond a
 class, a caption the empty prompt, so one network learns both halves of classifier-free guidance.
 The noise of a step (t, eps, the dropout coins) is a function of (seed, step), drawn for the global batch
 and sliced per DDP rank, so resume is exact and 2 processes compute what 1 does (`draw_objective_noise`;
-for DDPM the very draws of stage2.draw_step_noise).
+for DDPM the very draws of stage2.draw_step_noise). What pixel and latent training share (the optimizer, the
+draw, dropout, the loss, DDP, saving the EMA weights) is stage2.DenoiserTask; this file adds the latent part.
 """
 from __future__ import annotations
 
@@ -26,20 +27,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from ldm_scratch.autoencoder import AutoencoderKL
-from ldm_scratch.config import DiffusionConfig, TextEncoderConfig, TrainConfig, config_to_dict
+from ldm_scratch.config import DiffusionConfig, TextEncoderConfig, config_to_dict
 from ldm_scratch.diffusion import GaussianDiffusion
 from ldm_scratch.objectives import DDPMObjective, Objective
 from ldm_scratch.latents import autoencoder_fingerprint, cached_latents, encode_images
 from ldm_scratch.pipeline import (CONDITIONINGS, DENOISERS, LatentDiffusionPipeline,  # noqa: F401 (re-exported)
                                   build_denoiser)
-from ldm_scratch.stage2 import GRID_COLS, GRID_SEED, NOISE_SEED_STRIDE, SAMPLE_STEPS
+from ldm_scratch.stage2 import (GRID_COLS, GRID_SEED, NOISE_SEED_STRIDE, SAMPLE_STEPS,  # noqa: F401
+                                DenoiserTask, draw_objective_noise)
 from ldm_scratch.text import TextEncoder, Tokenizer
-from ldm_scratch.train import EMA, make_adamw, save_image_grid
+from ldm_scratch.train import save_image_grid
 
 
 def latent_dataset(ae: AutoencoderKL, images: Tensor, labels: Tensor | None = None,
@@ -71,22 +72,7 @@ def latent_dataset(ae: AutoencoderKL, images: Tensor, labels: Tensor | None = No
     return TensorDataset(z0)
 
 
-def draw_objective_noise(objective: Objective, seed: int, step: int, z0: Tensor, rank: int = 0,
-                         world: int = 1) -> tuple[Tensor, Tensor, Tensor]:
-    """This rank's (t (B,), eps like z0, coin (B,) in [0, 1)) for `step`: objective.draw for the global batch of
-    world * B from a generator seeded by (seed, step), then the dropout coins from the same generator, then
-    this rank's slice. DDPMObjective.draw makes the calls of stage2.draw_step_noise in its order (randint,
-    randn, then rand here), so a DDPM run draws exactly what it drew before objectives (a test checks it)."""
-    B = z0.shape[0]
-    n = B * world                                          # the global batch
-    g = torch.Generator(z0.device).manual_seed(seed * NOISE_SEED_STRIDE + step)
-    t, eps = objective.draw((n, *z0.shape[1:]), g, z0.device)   # t first, then eps: the objective's own draw
-    coin = torch.rand(n, generator=g, device=z0.device)
-    mine = slice(rank * B, (rank + 1) * B)                 # Trainer gives rank r the r-th slice of the batch
-    return t[mine], eps[mine].to(z0.dtype), coin[mine]
-
-
-class LatentDiffusionTask:
+class LatentDiffusionTask(DenoiserTask):
     """The train.py task protocol for latent diffusion: a denoiser (+ text encoder) on cached latents.
 
     `objective`: DDPMObjective or RectifiedFlow (objectives.py); a DiffusionConfig means DDPM with it."""
@@ -98,8 +84,8 @@ class LatentDiffusionTask:
                  ae_folder: str | os.PathLike | None = None):
         if conditioning not in CONDITIONINGS:
             raise ValueError(f"unknown conditioning {conditioning!r}; valid: {', '.join(CONDITIONINGS)}")
-        if not 0.0 <= p_uncond <= 1.0:
-            raise ValueError(f"p_uncond must be a probability in [0, 1]; got {p_uncond}")
+        objective = DDPMObjective(objective) if isinstance(objective, DiffusionConfig) else objective
+        super().__init__(objective, p_uncond, seed, guidance_scale, precision, sample_steps)
         if conditioning == "text" and (tokenizer is None or text_cfg is None or not grid_prompts):
             raise ValueError("conditioning 'text' needs tokenizer=, text_cfg= and grid_prompts= "
                              "(the prompts of the sample grid's rows)")
@@ -108,11 +94,9 @@ class LatentDiffusionTask:
         # the checkpoint holds what training changes; the pipeline folder holds the autoencoder.
         self.ae = ae.eval().requires_grad_(False)
         self.kind, self.conditioning, self.tokenizer = denoiser, conditioning, tokenizer
-        self.p_uncond, self.seed, self.guidance_scale, self.precision = p_uncond, seed, guidance_scale, precision
-        self.sample_steps, self.grid_prompts = sample_steps, list(grid_prompts or [])
+        self.grid_prompts = list(grid_prompts or [])
         self.denoiser = build_denoiser(denoiser, denoiser_cfg)
         self.text_encoder = TextEncoder(text_cfg) if conditioning == "text" else None
-        self.objective = DDPMObjective(objective) if isinstance(objective, DiffusionConfig) else objective
         # The pipeline holds the same modules (no copies): sample() and finish() go through it, and its
         # constructor checks that they fit (latent channels, context_dim = the text encoder's width).
         self.pipeline = LatentDiffusionPipeline(self.ae, self.denoiser, self.objective, tokenizer, self.text_encoder)
@@ -131,16 +115,10 @@ class LatentDiffusionTask:
         self.ema_group = nn.ModuleDict(trained)
         self.denoiser_forward: Callable = self.denoiser  # DDP wrappers under torchrun (distribute)
         self.text_forward: Callable | None = self.text_encoder
-        self.rank, self.world = 0, 1
-        self.postfix_keys = ["model_loss", "model_grad_norm"]
 
     # ------------------------------------------------------------------ protocol
     def modules(self) -> dict[str, nn.Module]:
         return dict(self.ema_group.items())
-
-    def optimizers(self, cfg: TrainConfig) -> dict[str, torch.optim.Optimizer]:
-        # one optimizer for both: the text encoder learns from the denoiser's loss alone (no separate objective)
-        return {"model": make_adamw(self.ema_group.parameters(), cfg)}
 
     def ema_module(self) -> nn.Module:
         return self.ema_group
@@ -150,30 +128,30 @@ class LatentDiffusionTask:
         """A DDPM task's GaussianDiffusion (task.diffusion before objectives); the pipeline says why a flow has none."""
         return self.pipeline.diffusion
 
-    def step_noise(self, step: int, z0: Tensor, cond: Tensor | tuple | None) -> tuple[Tensor, Tensor, Any]:
-        """This rank's (t, eps, cond after dropout) for `step`. cond: labels (B,), (ids, mask), or None."""
-        t, eps, coin = draw_objective_noise(self.objective, self.seed, step, z0, self.rank, self.world)
-        drop = coin < self.p_uncond  # (B,): Ho & Salimans 2022, Algorithm 1, "c <- null with probability p_uncond"
+    def split_batch(self, batch: Any) -> tuple[Tensor, Any]:
+        """(z0, labels), (z0, ids, mask) or z0 -> (z0, labels / (ids, mask) / None), checked against the task."""
+        z0, *rest = batch if isinstance(batch, (list, tuple)) else (batch,)
+        self._check_latents(z0, rest)
+        return z0, tuple(rest) if len(rest) > 1 else rest[0] if rest else None
+
+    def drop_condition(self, cond: Tensor | tuple | None, drop: Tensor) -> Any:
+        """cond: labels (B,), (ids, mask), or None; drop (B,): a label becomes the null class, a caption "" """
         if self.conditioning == "class":
-            return t, eps, torch.where(drop, torch.full_like(cond, self.denoiser.null_class), cond)
+            return torch.where(drop, torch.full_like(cond, self.denoiser.null_class), cond)
         if self.conditioning == "text":
             ids, mask = cond
             null_ids, null_mask = self.null_ids.to(ids.device), self.null_mask.to(ids.device)  # (1, L)
-            return t, eps, (torch.where(drop[:, None], null_ids, ids), torch.where(drop[:, None], null_mask, mask))
-        return t, eps, None
+            return torch.where(drop[:, None], null_ids, ids), torch.where(drop[:, None], null_mask, mask)
+        return None
 
-    def loss(self, name: str, batch: Any, step: int) -> tuple[Tensor, dict]:
-        if name != "model":
-            raise ValueError(f"unknown optimizer name {name!r}; expected 'model'")
-        z0, *rest = batch if isinstance(batch, (list, tuple)) else (batch,)
-        self._check_latents(z0, rest)
-        t, eps, cond = self.step_noise(step, z0, tuple(rest) if len(rest) > 1 else rest[0] if rest else None)
-        if self.conditioning == "text":
-            cond = (self.text_forward(*cond), cond[1])  # tau(y): (B, L) ids -> (B, L, D) context, with its mask
-        # DDPM: Rombach et al. 2022, Eq. 2 (with the conditioning of Sec. 3.3): E ||eps - eps_theta(z_t, t, tau(y))||^2,
-        # z_t = sqrt(alpha_bar_t) z0 + sqrt(1 - alpha_bar_t) eps. Flow: E ||(eps - z0) - v_theta(z_t, t, tau(y))||^2,
-        # z_t = (1 - t) z0 + t eps.
-        return self.objective.loss(self.denoiser_forward, z0, cond, t=t, eps=eps), {}
+    def model_condition(self, cond: Any) -> Any:
+        # tau(y) (Rombach et al. 2022, Sec. 3.3): (B, L) ids -> (B, L, D) context, with its mask
+        return (self.text_forward(*cond), cond[1]) if self.conditioning == "text" else cond
+
+    def wrap(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        self.denoiser_forward = wrap(self.denoiser)
+        if self.text_encoder is not None:
+            self.text_forward = wrap(self.text_encoder)
 
     def _check_latents(self, z0: Tensor, rest: list) -> None:
         cfg = self.denoiser.cfg
@@ -195,13 +173,6 @@ class LatentDiffusionTask:
                 "tokenizer": self.tokenizer.to_dict() if self.tokenizer else None,
                 "autoencoder": config_to_dict(self.ae.cfg), "autoencoder_sha256": self.ae_sha256,
                 "p_uncond": self.p_uncond, "guidance_scale": self.guidance_scale}
-
-    def distribute(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
-        """DDP: forward passes go through the wrappers (gradients averaged); the noise is sliced per rank."""
-        self.denoiser_forward = wrap(self.denoiser)
-        if self.text_encoder is not None:
-            self.text_forward = wrap(self.text_encoder)
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
 
     @torch.no_grad()
     def sample(self, step: int, out_dir: str | os.PathLike, name: str | None = None) -> Path:
@@ -229,20 +200,9 @@ class LatentDiffusionTask:
         return path
 
     # ------------------------------------------------------------------ after training
-    def finish(self, out_dir: str | os.PathLike, ema: EMA | None = None, step: int = 0, grid: bool = True) -> Path:
-        """Save `out_dir/pipeline/` with the EMA weights (the raw ones if ema is None) and, with `grid`,
-        `samples/final.png` from the same weights. Returns the pipeline folder."""
-        folder = Path(out_dir) / "pipeline"
-        if ema is not None:
-            ema.swap(self.ema_group)  # the averaged weights in; the second swap puts the raw ones back
-        try:
-            self.pipeline.save_pretrained(folder, extra={"ema": ema is not None, "steps": step,
-                                                         "p_uncond": self.p_uncond,
-                                                         "guidance_scale": self.guidance_scale,
-                                                         "autoencoder_sha256": self.ae_sha256})
-            if grid:
-                self.sample(step, out_dir, name="final.png")
-        finally:
-            if ema is not None:
-                ema.swap(self.ema_group)
-        return folder
+    folder_name = "pipeline"
+
+    def save(self, folder: Path, ema: bool, step: int) -> None:
+        self.pipeline.save_pretrained(folder, extra={"ema": ema, "steps": step, "p_uncond": self.p_uncond,
+                                                     "guidance_scale": self.guidance_scale,
+                                                     "autoencoder_sha256": self.ae_sha256})

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm_scratch.checkpoint import CheckpointError, safe_torch_load
-from ldm_scratch.config import UNET_PRESETS, DiffusionConfig, TrainConfig
+from ldm_scratch.config import UNET_PRESETS, DiffusionConfig, TrainConfig, get_preset
 from ldm_scratch.data import MNIST5k
 from ldm_scratch.stage2 import DiffusionTask, diffusion_train_config, evaluate, generate, load_diffusion_model
 from ldm_scratch.train import Trainer
@@ -201,3 +201,18 @@ def test_bad_values_found_after_parsing_are_clear_errors(tmp_path, capsys):
     assert "0..9" in capsys.readouterr().err
     assert main(["sample", "--model", str(tmp_path / "nowhere")]) != 0
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_pixel_and_latent_training_share_one_denoiser_task():
+    """One implementation of the optimizer, the draw, dropout, the loss, DDP and saving (stage2.DenoiserTask);
+    the pixel task's draws are still draw_step_noise's, so pixel runs train exactly as before."""
+    from ldm_scratch.stage2 import DenoiserTask, DiffusionTask, draw_step_noise
+    from ldm_scratch.stage3 import LatentDiffusionTask
+    for name in ("optimizers", "step_noise", "loss", "distribute", "finish"):
+        assert getattr(DiffusionTask, name) is getattr(DenoiserTask, name)
+        assert getattr(LatentDiffusionTask, name) is getattr(DenoiserTask, name)
+    task = DiffusionTask(get_preset(UNET_PRESETS, "tiny"), DiffusionConfig(), seed=3)
+    x = torch.zeros(4, 1, 32, 32)
+    t, eps, _ = task.step_noise(11, x, None)
+    t_ref, eps_ref, _ = draw_step_noise(3, 11, x, 1000)
+    assert torch.equal(t, t_ref) and torch.equal(eps, eps_ref)
