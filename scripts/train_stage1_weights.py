@@ -251,6 +251,8 @@ def render_readme(report: dict) -> str:
     m = report["machine"]
     lines = [
         "# Pretrained stage-1 autoencoders", "",
+        "The photo autoencoder `photo-f8c4` has its own page: [README_photo.md](README_photo.md). This page is written by",
+        "`scripts/train_stage1_weights.py` for the two digit codecs.", "",
         "Loaded by `ldm_scratch.pretrained.load_autoencoder(name)` (float32, eval, frozen), so the stage-3 "
         "notebooks (05 latent diffusion, 06 DiT, 07 text-to-image) train only the denoiser. "
         "Rebuilt from scratch by `python scripts/train_stage1_weights.py`, which wrote this file.", "",
