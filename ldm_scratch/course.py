@@ -30,6 +30,7 @@ from ldm_scratch.autoencoder import AutoencoderKL, DiagonalGaussian, measure_sca
 from ldm_scratch.config import AUTOENCODER_PRESETS, DIT_PRESETS, DiffusionConfig, get_preset
 from ldm_scratch.diffusion import GaussianDiffusion
 from ldm_scratch.dit import DiTBlock, modulate, patchify, sincos_pos_embed_2d, unpatchify
+from ldm_scratch.flow import FlowConfig, RectifiedFlow, shift_time
 from ldm_scratch.latents import encode_images
 from ldm_scratch.losses import adaptive_weight, hinge_d_loss
 from ldm_scratch.objectives import DDPMObjective
@@ -336,6 +337,46 @@ def _adaln_block(B: int, N: int, D: int, num_heads: int, seed: int) -> Case:
 
 
 
+# ---------------------------------------------------------------- 08: rectified flow
+def _flow_path(shape: tuple[int, ...], seed: int, ends: bool = False) -> Case:
+    def run(fn):
+        g = _gen(seed)
+        x0, eps = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+        t = torch.rand(shape[0], generator=g)
+        if ends:
+            t[0], t[-1] = 0.0, 1.0                                    # the data end and the noise end exactly
+        flow = RectifiedFlow()
+        out = fn(x0, eps, t)
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise CheckFailed(f"expected (x_t, v), got {type(out).__name__}")
+        _close(out[0], flow.q_sample(x0, t, eps), f"x_t for shape {shape}", rtol=1e-5, atol=1e-6)
+        _close(out[1], flow.target(x0, eps, t), f"v for shape {shape}", rtol=1e-5, atol=1e-6)
+    return run
+
+
+def _shift_time(shift: float, n: int) -> Case:
+    def run(fn):
+        u = torch.linspace(0, 1, n, dtype=torch.float64)
+        _close(fn(u, shift), shift_time(u, shift), f"shifted times (shift {shift:g}, {n} points)", rtol=1e-9,
+               atol=1e-12)
+    return run
+
+
+def _heun_step(t: float, t_next: float, w: float, seed: int) -> Case:
+    def run(fn):
+        flow = RectifiedFlow(FlowConfig())
+        model = _toy_denoiser(4, seed)
+        g = _gen(seed + 100)
+        x = torch.randn(3, 4, 6, 6, generator=g)
+        y, null = torch.tensor([1, 4, 7]), torch.full((3,), 10)
+
+        def velocity(x_: torch.Tensor, t_: float) -> torch.Tensor:   # the guided v at time t_ (flow.guided_v)
+            return flow.guided_v(model, x_, t_, y, null, w)
+        ref = flow.step(model, x, t, t_next, y, null, w, sampler="heun")
+        _close(fn(x, t, t_next, velocity), ref, f"x_next (t={t:g} -> {t_next:g}, w={w:g})", rtol=1e-5, atol=1e-5)
+    return run
+
+
 # ---------------------------------------------------------------- 09: editing in the latent
 def _ddim_invert(kind: str, T: int, t: int, t_next: int, seed: int) -> Case:
     def run(fn):
@@ -414,6 +455,14 @@ EXERCISES: dict[str, Exercise] = {e.name: e for e in (
              (_modulate(2, 16, 32, 0), _modulate(3, 5, 8, 1), _modulate(1, 1, 4, 2))),
     Exercise("adaln_block", "06_dit", "x + gate1 Attn(modulate(LN(x))), then + gate2 MLP(modulate(LN(x)))",
              (_adaln_block(2, 16, 32, 2, 0), _adaln_block(3, 7, 16, 4, 1), _adaln_block(1, 4, 64, 1, 2))),
+    Exercise("flow_path", "08_flow_matching", "x_t = (1 - t) x0 + t eps, v = dx_t / dt = eps - x0",
+             (_flow_path((4, 4, 8, 8), 0), _flow_path((3, 1, 5, 7), 1, ends=True), _flow_path((2, 3, 4, 4), 2))),
+    Exercise("shift_time", "08_flow_matching", "t = shift u / (1 + (shift - 1) u) (SD3 Sec. 5.3.2)",
+             (_shift_time(3.0, 9), _shift_time(1.0, 5), _shift_time(0.5, 17), _shift_time(6.0, 2))),
+    Exercise("heun_step", "08_flow_matching", "x' = x + dt v(x, t); x_next = x + dt (v(x, t) + v(x', t_next)) / 2, "
+             "plain Euler when t_next = 0",
+             (_heun_step(0.75, 0.5, 3.0, 0), _heun_step(0.9, 0.3, 1.0, 1), _heun_step(0.25, 0.0, 3.0, 2),
+              _heun_step(0.2, 0.6, 2.0, 3))),
     Exercise("ddim_invert_step", "09_editing", "x0 = (x - sqrt(1 - ab_t) eps) / sqrt(ab_t); "
              "x_next = sqrt(ab_next) x0 + sqrt(1 - ab_next) eps",
              (_ddim_invert("linear", 1000, 20, 40, 0), _ddim_invert("linear", 1000, editing.CLEAN, 0, 1),

@@ -165,6 +165,12 @@ WRONG = {
                   (lambda D, h, w: _sincos_rows_first(D, h, w, quarter=False), False)],  # frequencies over D/2
     "modulate": [(lambda x, shift, scale: x * scale[:, None] + shift[:, None], False)],  # no "1 +"
     "adaln_block": [(_adaln_block_ungated, False), (_adaln_block_one_norm, False)],
+    "flow_path": [(lambda x0, e, t: (t.view(-1, 1, 1, 1) * x0 + (1 - t.view(-1, 1, 1, 1)) * e, e - x0), False),
+                  (lambda x0, e, t: ((1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * e, x0 - e), False)],
+    "shift_time": [(lambda u, s: s * u / (1 + (s + 1) * u), False),
+                   (lambda u, s: 3.0 * u / (1 + 2.0 * u), True)],                  # SD3's 3 hard-coded
+    "heun_step": [(lambda x, t, tn, vel: x + (tn - t) * vel(x, t), False),          # Euler
+                  (lambda x, t, tn, vel: x + (tn - t) * (vel(x, t) + vel(x + (tn - t) * vel(x, t), tn)) / 2, True)],
     "ddim_invert_step": [(lambda x, e, ab_t, ab_next: math.sqrt(ab_t) * (x - math.sqrt(1 - ab_next) * e)
                           / math.sqrt(ab_next) + math.sqrt(1 - ab_t) * e, False),          # the sampler's step, not its inverse
                          (lambda x, e, ab_t, ab_next: math.sqrt(ab_next / ab_t) * x, False)],  # eps left out
