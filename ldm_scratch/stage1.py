@@ -147,15 +147,21 @@ def floor_reconstruction(x: torch.Tensor, f: int) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_photo(model: AutoencoderKL, name: str = "astronaut") -> dict[str, float]:
     """PSNR/SSIM of the full-size held-out photo through the autoencoder (posterior mode, no noise),
-    beside the same numbers for the area-down / bicubic-up floor at the model's f."""
+    beside the same numbers for the area-down / bicubic-up floor at the model's f. A side that is not a
+    multiple of f is centre-cropped to one first (both numbers then read the same pixels)."""
     from ldm_scratch.data import load_photo
     from ldm_scratch.metrics import psnr, ssim
     x = load_photo(name)
     if x.dim() == 3:
         x = x.unsqueeze(0)  # (C, H, W) -> (1, C, H, W)
+    f = model.cfg.f if hasattr(model, "cfg") else 8
+    H, W = x.shape[-2:]
+    if H % f or W % f:  # centre-crop to a multiple of f (coffee is 400 x 600: at f = 16, 400 x 592)
+        top, left = (H % f) // 2, (W % f) // 2
+        x = x[..., top:top + H - H % f, left:left + W - W % f]
     model.eval()
     x = x.to(next(model.parameters()).device)
     x_rec = model.decode(model.encode(x).mode()).clamp(-1, 1)
-    floor = floor_reconstruction(x, model.cfg.f if hasattr(model, "cfg") else 8)
+    floor = floor_reconstruction(x, f)
     return {"psnr": psnr(x_rec, x), "ssim": ssim(x_rec, x),
             "floor_psnr": psnr(floor, x), "floor_ssim": ssim(floor, x)}

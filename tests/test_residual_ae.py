@@ -269,3 +269,14 @@ def test_encode_images_and_pipeline_use_the_shift(tmp_path):
     assert torch.allclose(z0, (want + 0.5) * 2.0, atol=1e-6)
     assert torch.allclose(model.decode(model.unscale_latents(z0)), F.interpolate(F.avg_pool2d(x, 4), scale_factor=4),
                           atol=1e-6)
+
+
+def test_evaluate_photo_crops_to_a_multiple_of_f():
+    """coffee is 400 x 600: at f = 16 it is centre-cropped to 400 x 592 for both the model and the floor."""
+    import math
+    from ldm_scratch.stage1 import evaluate_photo
+    model = AutoencoderKL(cfg(ch=8, ch_mult=(1, 1, 1, 1, 1), c=4)).eval()   # f = 16, the non-learned codec
+    assert model.cfg.f == 16
+    with torch.no_grad():
+        m = evaluate_photo(model, "coffee")
+    assert all(math.isfinite(v) for v in m.values()) and m["floor_psnr"] > m["psnr"] > 10  # nearest < bicubic
