@@ -28,7 +28,7 @@ def evaluate(unet: UNet, diffusion: GaussianDiffusion, n_per_class: int = 50, nu
              precision: str = "auto", classifier: nn.Module | None = None) -> dict[str, float]:
     """Class-conditional samples scored by the MNIST classifier (metrics.py): conditional accuracy, and
     classifier-FID against n real digits beside the real-vs-real FID at the same n (its floor); see
-    score_digits. Latent models (stage 3) sample through their pipeline and call score_digits themselves.
+    score_digits. Latent models sample through their pipeline and call score_digits themselves.
     """
     from ldm_scratch.metrics import DIGIT_SHAPE, NUM_CLASSES
     from ldm_scratch.stage2 import generate  # the pixel sampler (stage2 imports this module: import here)

@@ -1,4 +1,4 @@
-"""Stage 3, step 0: encode the training set ONCE with the frozen autoencoder, and cache the latents.
+"""Stage 2 in the latent, step 0: encode the training set ONCE with the frozen autoencoder, and cache the latents.
 
 Rombach et al. 2022 (Sec. 3-4): the diffusion model of a latent diffusion model never sees pixels.
 Stage 1 is finished and frozen, so each training image always maps to the same latent; encoding it

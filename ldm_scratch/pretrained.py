@@ -1,4 +1,4 @@
-"""Pretrained stage-1 autoencoders shipped with the package, so stage 3 need not retrain stage 1.
+"""Pretrained stage-1 autoencoders shipped with the package, so the latent denoisers (stage 2 in the latent) need not retrain stage 1.
 
 Where it sits: the first room of the pipeline, already built. 05_latent_diffusion, 06_dit and
 07_text_to_image load one of these frozen KL autoencoders (Rombach et al. 2022, Sec. 3) and spend

@@ -1,4 +1,4 @@
-"""Stage 2 in pixel space as a training task: a class-conditional DDPM on 1 x 32 x 32 digits
+"""Stage 2 (the denoiser) in pixel space as a training task: a class-conditional DDPM on 1 x 32 x 32 digits
 (Ho et al. 2020, Sec. 3-4; classifier-free guidance, Ho & Salimans 2022, Sec. 3; sampled with DDIM,
 Song et al. 2021, Sec. 4).
 
@@ -68,7 +68,7 @@ def draw_step_noise(seed: int, step: int, x0: torch.Tensor, T: int, rank: int = 
                     world: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """This rank's (t (B,), eps like x0, coin (B,) in [0, 1)) for `step`, drawn for the global batch of
     world * B from a generator seeded by (seed, step), then sliced (see the module docstring). The coins
-    decide condition dropout; stage 3 (latent space) draws its noise here too."""
+    decide condition dropout; latent training (stage3.py) draws its noise here too."""
     B = x0.shape[0]
     n = B * world                                         # the global batch
     g = torch.Generator(x0.device).manual_seed(seed * NOISE_SEED_STRIDE + step)

@@ -1,4 +1,6 @@
-"""Stage 3: latent diffusion as a training task (Rombach et al. 2022, Sec. 3.3 and 4).
+"""Stage 2 (the denoiser) in the latent: latent diffusion as a training task (Rombach et al. 2022, Sec. 3.3
+and 4). The file name is historical: stage 1 is the autoencoder, stage 2 the denoiser, in pixels (stage2.py)
+or, here, in the autoencoder's latent.
 
 Where it sits: the autoencoder of stage 1 is finished and frozen; its scaled latents z0 = mode(q(z|x)) *
 scale_factor are encoded once (latents.py) and a denoiser, the U-Net or the DiT, learns the objective's loss
@@ -47,7 +49,7 @@ def latent_dataset(ae: AutoencoderKL, images: Tensor, labels: Tensor | None = No
                    captions: list[str] | None = None, tokenizer: Tokenizer | None = None,
                    cache_file: str | os.PathLike | None = None, ae_folder: str | os.PathLike | None = None,
                    dataset_id: str | None = None, **encode_kw) -> TensorDataset:
-    """The training set of stage 3: (z0, labels), (z0, ids, mask) with the captions tokenized up front, or (z0,).
+    """The training set of a latent denoiser: (z0, labels), (z0, ids, mask) with the captions tokenized up front, or (z0,).
 
     z0 (N, c, h, w) are the scaled latents, read from `cache_file` when it matches this autoencoder and
     `dataset_id` (a name for the images, e.g. "mnist5k-train"), else encoded (and cached if a file is given).

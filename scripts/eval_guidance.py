@@ -1,4 +1,4 @@
-"""Score a trained model at several guidance scales (the README's stage-2 and stage-3 tables).
+"""Score a trained model at several guidance scales (the README's pixel and latent tables).
 
     python scripts/eval_guidance.py runs/ddpm_mnist/model 1.0 1.5 2.0 3.0     # a pixel model folder
     python scripts/eval_guidance.py runs/latent_unet/pipeline 1.5 2.0 3.0      # a latent pipeline folder

@@ -1,5 +1,5 @@
 """Seconds per training step (batch 64, bf16 autocast, AdamW) of the three class-conditional MNIST
-denoisers of the README's stage-3 table, measured side by side in one run: `python scripts/step_times.py`."""
+denoisers of the README's pixel-vs-latent table, measured side by side in one run: `python scripts/step_times.py`."""
 import dataclasses, sys, time
 from pathlib import Path
 

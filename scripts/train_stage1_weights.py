@@ -196,7 +196,7 @@ def evaluate(name: str, model: AutoencoderKL, runs_dir: Path) -> dict:
                     title=f"{name} held-out: input / autoencoder / area+bicubic floor")
     classifier = load_classifier()
     if captions is None:
-        # Realism, as stage 3 scores its samples (stage2.score_digits): classifier-FID against n real
+        # Realism, as the latent denoisers' samples are scored (evaluation.score_digits): classifier-FID against n real
         # digits, beside the real-vs-real FID at the same n (the floor; FID grows as n shrinks), and the
         # same pair under a second, independent network (metrics.second_eye_distance).
         reference = reference_digits(len(x))
@@ -253,7 +253,7 @@ def render_readme(report: dict) -> str:
         "# Pretrained stage-1 autoencoders", "",
         "The photo autoencoder `photo-f8c4` has its own page: [README_photo.md](README_photo.md). This page is written by",
         "`scripts/train_stage1_weights.py` for the two digit codecs.", "",
-        "Loaded by `ldm_scratch.pretrained.load_autoencoder(name)` (float32, eval, frozen), so the stage-3 "
+        "Loaded by `ldm_scratch.pretrained.load_autoencoder(name)` (float32, eval, frozen), so the latent "
         "notebooks (05 latent diffusion, 06 DiT, 07 text-to-image) train only the denoiser. "
         "Rebuilt from scratch by `python scripts/train_stage1_weights.py`, which wrote this file.", "",
         "| name | folder | data | preset (shortcut) | image -> latent | scale_factor | weights on disk | model.pt |",
@@ -295,7 +295,7 @@ def render_readme(report: dict) -> str:
     mn = report["runs"].get("mnist-f4", {}).get("metrics")
     if mn:
         lines += ["## Digits the classifier still recognises (mnist-f4)", "",
-                  f"The {mn['n']} held-out digits and their reconstructions, scored as stage 3 scores its samples "
+                  f"The {mn['n']} held-out digits and their reconstructions, scored as the latent denoisers' samples are "
                   f"(`stage2.score_digits`): the classifier's accuracy, and the classifier-FID against {mn['n']} real "
                   "digits (`stage2.reference_digits`) beside the real-vs-real FID at the same n, the floor any set "
                   "of n images can reach; the last column is the same distance under a second, independent "

@@ -110,7 +110,7 @@ def build_data(name: str, image_size: int | None, seed: int,
     if name == "colored":
         # 3 x 32 x 32 tinted digits over textures. Items are (x, label, caption): the stage-1 task reads
         # only batch[0] (stage1.images_of), like mnist5k's (x, label). The dataset's own seed stays 0,
-        # the one stage 3 and adherence.fit_adherence use, so --seed changes the training, not the data.
+        # the one latent training and adherence.fit_adherence use, so --seed changes the training, not the data.
         if image_size not in (None, data.ColoredDigits.SIZE):
             raise ValueError(f"--data colored is {data.ColoredDigits.SIZE} x {data.ColoredDigits.SIZE}; "
                              f"got --image-size {image_size}")

@@ -1,7 +1,7 @@
 """Stage-2 commands: `train-diffusion` (a class-conditional pixel DDPM, Ho et al. 2020, with
 classifier-free guidance, Ho & Salimans 2022) and `sample` (a PNG grid from a saved model).
 
-Both also take stage 3's latent models: `--space latent` and a pipeline folder go to stage3.py, so one
+Both also take the latent models: `--space latent` and a pipeline folder go to stage3.py, so one
 command covers both spaces and the pixel path reads as it always did.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Stage-3 commands: latent diffusion (Rombach et al. 2022, Sec. 3-4) from the command line.
+"""Stage-2 commands in the latent (stage 1 the autoencoder, stage 2 the denoiser): latent diffusion (Rombach et al. 2022, Sec. 3-4) from the command line.
 
   train-diffusion --space latent   a U-Net or DiT denoiser on a frozen autoencoder's cached latents,
                                    conditioned on a class, a caption or nothing -> OUT/pipeline/, OUT/eval.json;
@@ -166,7 +166,7 @@ def prepare_latent(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     from ldm_scratch.stage3 import LatentDiffusionTask, latent_dataset
     from ldm_scratch.text import Tokenizer
     if not args.autoencoder:
-        raise ValueError("--space latent (stage 3) needs --autoencoder DIR (a folder written by train-autoencoder: "
+        raise ValueError("--space latent needs --autoencoder DIR (a folder written by train-autoencoder: "
                          "OUT/model)")
     if args.data not in LATENT_DATA:
         raise ValueError(f"--space latent trains on {', '.join(LATENT_DATA)}; got --data {args.data}")
