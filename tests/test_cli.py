@@ -85,7 +85,7 @@ def test_train_autoencoder_on_a_users_image_folder(tmp_path):
     assert r.returncode != 0 and "--data-dir" in r.stderr
 
 
-# ----------------------------------------------------------------------------- stage 3 (latent diffusion)
+# ----------------------------------------------------------------------------- stage 2 in the latent (latent diffusion)
 # In-process main() calls: one interpreter start instead of one per command keeps these seconds, not minutes.
 LATENT_RUN = ["--steps", "3", "--batch-size", "8", "--precision", "fp32", "--sample-steps", "2",
               "--sample-every", "0", "--ckpt-every", "0"]

@@ -195,7 +195,7 @@ def test_bad_arguments_list_valid_values(args, expected, capsys):
 def test_bad_values_found_after_parsing_are_clear_errors(tmp_path, capsys):
     from ldm_scratch.__main__ import main
     assert main(["train-diffusion", "--space", "latent"]) != 0
-    assert "stage 3" in capsys.readouterr().err
+    assert "--space latent needs --autoencoder DIR" in capsys.readouterr().err
     DiffusionTask(tiny_cfg(32), DiffusionConfig()).finish(tmp_path, grid=False)
     assert main(["sample", "--model", str(tmp_path / "model"), "--class-labels", "3", "12"]) != 0
     assert "0..9" in capsys.readouterr().err
