@@ -16,6 +16,7 @@ is exact), every image gets its own noise, and 2 processes under torchrun comput
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import os
 from pathlib import Path
@@ -94,7 +95,7 @@ def draw_objective_noise(objective: Objective, seed: int, step: int, x0: torch.T
     return t[mine], eps[mine].to(x0.dtype), coin[mine]
 
 
-class DenoiserTask:
+class DenoiserTask(abc.ABC):
     """What every denoiser's training task shares, in pixels or in a latent (train.py's task protocol): one
     optimizer, "model", over the trained modules; the objective's (t, eps) for the global batch from a generator
     seeded by (seed, step), sliced per DDP rank (draw_objective_noise: resume is exact, 2 processes compute what
@@ -117,28 +118,33 @@ class DenoiserTask:
         self.postfix_keys = ["model_loss", "model_grad_norm"]
 
     # ------------------------------------------------------------------ what a subclass provides
+    @abc.abstractmethod
     def ema_module(self) -> nn.Module:
         """Everything trained (one module: the optimizer's parameters, and what the EMA averages)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def split_batch(self, batch: Any) -> tuple[torch.Tensor, Any]:
         """A batch of the dataset -> (x0, the condition as stored: labels, (ids, mask) or None)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def drop_condition(self, cond: Any, drop: torch.Tensor) -> Any:
         """The condition with the rows where drop (B,) is True replaced by the null condition."""
-        raise NotImplementedError
 
     def model_condition(self, cond: Any) -> Any:
         """What the denoiser is given for a (dropped-out) condition; text tasks encode the captions here."""
         return cond
 
+    @abc.abstractmethod
     def save(self, folder: Path, ema: bool, step: int) -> None:
-        raise NotImplementedError
+        """Write the trained modules (the EMA weights swapped in when ema) to `folder`."""
 
+    @abc.abstractmethod
+    def sample(self, step: int, out_dir: str | os.PathLike, name: str | None = None) -> Path:
+        """Draw a grid of samples into out_dir/samples/ (finish draws the final one)."""
+
+    @abc.abstractmethod
     def wrap(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
         """Route the forward passes through DDP wrappers."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ protocol, shared
     def optimizers(self, cfg: TrainConfig) -> dict[str, torch.optim.Optimizer]:
