@@ -360,8 +360,9 @@ class LatentDiffusionPipeline:
         editing.check_strength(strength)
         self._check_options(None, num_inference_steps, guidance_scale, sampler, eta, output_type, precision, 1, shift)
         editing.check_edit_sampler(self.objective, sampler)
-        z0 = self.encode(image, precision)                             # (B, C, H, W) -> (B, c, h, w)
         f = self.autoencoder.cfg.f
+        x = editing.image_to_tensor(image, self.autoencoder.cfg.in_channels, self.image_size, f)  # once: encode, paste
+        z0 = self.encode(x, precision)                                 # (B, C, H, W) -> (B, c, h, w)
         m = None if mask is None else editing.mask_to_latent(
             mask, (z0.shape[0], 1, z0.shape[2] * f, z0.shape[3] * f), f).to(self.device)
         if noise is not None and tuple(noise.shape) != tuple(z0.shape):
@@ -375,10 +376,8 @@ class LatentDiffusionPipeline:
             return PipelineOutput(z)
         if mask is None or not paste:
             return PipelineOutput(self.decode(z, output_type, precision))
-        x = editing.paste_pixels(self.decode(z, "tensor", precision),
-                                 editing.image_to_tensor(image, self.autoencoder.cfg.in_channels, self.image_size, f),
-                                 editing.mask_to_pixels(mask, (z0.shape[0], 1, z0.shape[2] * f, z0.shape[3] * f)))
-        return PipelineOutput(postprocess(x, output_type))
+        out = editing.paste_pixels(self.decode(z, "tensor", precision), x, editing.mask_to_pixels(mask, x.shape))
+        return PipelineOutput(postprocess(out, output_type))
 
     def _edit_condition(self, prompt, class_labels, B: int, guidance_scale: float, precision: str):
         """-> (cond for the B images, null, guidance): one prompt / label for all, or one per image."""
