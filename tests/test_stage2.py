@@ -141,6 +141,7 @@ def _ddp_worker(rank, world, port, out, queue):
     hist = Trainer(task(), train_cfg(steps=3, ema_decay=0.0), digits(), out, device="cpu").fit()
     if rank == 0:
         queue.put([h["model_loss"] for h in hist])
+    torch.distributed.barrier()  # both ranks done before the gloo group goes (a rank leaving early can abort the other)
     torch.distributed.destroy_process_group()
 
 

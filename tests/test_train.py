@@ -213,6 +213,7 @@ def _ddp_worker(rank, world, port, out, result_queue):
     hist = Trainer(task, cfg(steps=6, ema_decay=0.0), regression_data(), out, device="cpu").fit()
     if rank == 0:
         result_queue.put([h["model_loss"] for h in hist])
+    torch.distributed.barrier()  # both ranks done before the gloo group goes (a rank leaving early can abort the other)
     torch.distributed.destroy_process_group()
 
 
