@@ -31,11 +31,14 @@ from ldm_scratch.config import AUTOENCODER_PRESETS, DIT_PRESETS, DiffusionConfig
 from ldm_scratch.diffusion import GaussianDiffusion
 from ldm_scratch.dit import DiTBlock, modulate, patchify, sincos_pos_embed_2d, unpatchify
 from ldm_scratch.flow import FlowConfig, RectifiedFlow, shift_time
+from ldm_scratch.layers import attention
 from ldm_scratch.latents import encode_images
 from ldm_scratch.losses import adaptive_weight, hinge_d_loss
 from ldm_scratch.objectives import DDPMObjective
 from ldm_scratch.perceptual import PerceptualLoss
 from ldm_scratch.pipeline import LatentDiffusionPipeline, build_denoiser
+from ldm_scratch.stage3 import LatentDiffusionTask
+from ldm_scratch.unet import CrossAttention2d
 
 RESULTS_ENV = "LDM_COURSE_RESULTS"   # a JSON file: the list of every check's result, in the order they ran
 Case = Callable[[Any], None]         # runs the student's answer on one case; raises CheckFailed on a mismatch
@@ -337,6 +340,64 @@ def _adaln_block(B: int, N: int, D: int, num_heads: int, seed: int) -> Case:
 
 
 
+# ---------------------------------------------------------------- 07: text conditioning
+def _padding_mask(B: int, N: int, lengths: tuple[int, ...]) -> torch.Tensor:
+    """(B, N) bool, True on the first lengths[b] tokens of row b (a prompt's real tokens, [bos] first)."""
+    return torch.arange(N)[None, :] < torch.tensor(lengths)[:, None]
+
+
+def _cross_attention(B: int, C: int, D: int, heads: int, side: tuple[int, int], lengths: tuple[int, ...],
+                     seed: int) -> Case:
+    def run(fn):
+        torch.manual_seed(seed)  # the layer's random weights (inside the forked RNG)
+        m = CrossAttention2d(C, D, num_heads=heads, groups=min(8, C)).eval()
+        g = _gen(seed)
+        N = max(lengths) + 1
+        x, context = torch.randn(B, C, *side, generator=g), torch.randn(B, N, D, generator=g)
+        mask = _padding_mask(B, N, lengths)
+        with torch.no_grad():
+            out = fn(m, x, context, mask)
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise CheckFailed(f"expected (output, weights), got {type(out).__name__}")
+            ref = m(x, context, mask)
+            # The package's weights: attention() with V = the identity returns softmax(Q K^T / sqrt(d) + M) itself.
+            q = m.q(m.norm(x).flatten(2).transpose(1, 2)).view(B, -1, heads, C // heads).transpose(1, 2)
+            k = m.k(context).view(B, N, heads, C // heads).transpose(1, 2)
+            eye = torch.eye(N).expand(B, heads, N, N)
+            ref_w = attention(q, k, eye, mask[:, None, None, :], plain=True)
+        where = f"x {(B, C, *side)}, {heads} head(s), prompt lengths {lengths} of {N}"
+        _close(out[0], ref, f"output, {where}", rtol=1e-4, atol=1e-5)
+        _close(out[1], ref_w, f"attention weights (B, heads, HW, N), {where}", rtol=1e-4, atol=1e-6)
+    return run
+
+
+def _drop_prompts(B: int, N: int, seed: int, p: float) -> Case:
+    def run(fn):
+        g = _gen(seed)
+        lengths = tuple(int(v) for v in torch.randint(2, N + 1, (B,), generator=g))
+        ids = torch.randint(2, 20, (B, N), generator=g) * _padding_mask(B, N, lengths)
+        ids[:, 0] = 1                                                  # [bos]
+        mask = _padding_mask(B, N, lengths)
+        null_ids, null_mask = torch.zeros(1, N, dtype=torch.long), _padding_mask(1, N, (1,))
+        null_ids[0, 0] = 1                                             # "" = [bos] alone
+        drop = torch.rand(B, generator=g) < p
+        # the package's own step (stage3.LatentDiffusionTask.drop_condition) on a stand-in for the task
+        task = type("TextTask", (), {"conditioning": "text", "null_ids": null_ids, "null_mask": null_mask})()
+        ref_ids, ref_mask = LatentDiffusionTask.drop_condition(task, (ids, mask), drop)
+        out = fn(ids.clone(), mask.clone(), drop, null_ids, null_mask)
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise CheckFailed(f"expected (ids, mask), got {type(out).__name__}")
+        where = f"{B} prompts, {int(drop.sum())} dropped"
+        for mine, ref, what in ((out[0], ref_ids, "ids"), (out[1], ref_mask, "mask")):
+            if not isinstance(mine, torch.Tensor) or tuple(mine.shape) != tuple(ref.shape) or mine.dtype != ref.dtype:
+                raise CheckFailed(f"{what}, {where}: expected a {ref.dtype} tensor {tuple(ref.shape)}, got "
+                                  f"{getattr(mine, 'dtype', type(mine).__name__)} {tuple(getattr(mine, 'shape', ()))}")
+            if not torch.equal(mine, ref):
+                rows = (mine != ref).reshape(B, -1).any(1).nonzero().flatten().tolist()
+                raise CheckFailed(f"{what}, {where}: rows {rows} differ from the package's")
+    return run
+
+
 # ---------------------------------------------------------------- 08: rectified flow
 def _flow_path(shape: tuple[int, ...], seed: int, ends: bool = False) -> Case:
     def run(fn):
@@ -455,6 +516,14 @@ EXERCISES: dict[str, Exercise] = {e.name: e for e in (
              (_modulate(2, 16, 32, 0), _modulate(3, 5, 8, 1), _modulate(1, 1, 4, 2))),
     Exercise("adaln_block", "06_dit", "x + gate1 Attn(modulate(LN(x))), then + gate2 MLP(modulate(LN(x)))",
              (_adaln_block(2, 16, 32, 2, 0), _adaln_block(3, 7, 16, 4, 1), _adaln_block(1, 4, 64, 1, 2))),
+    Exercise("drop_prompts", "07_text_to_image", "condition dropout: a dropped caption becomes \"\" ([bos] alone), "
+             "ids and mask together",
+             (_drop_prompts(8, 6, 0, 0.5), _drop_prompts(5, 9, 1, 1.0), _drop_prompts(6, 4, 2, 0.0),
+              _drop_prompts(16, 7, 3, 0.3))),
+    Exercise("cross_attention", "07_text_to_image", "x + W_O softmax(Q K^T / sqrt(d) + M) V, Q from the feature map, "
+             "K and V from the prompt, M = -inf at padding",
+             (_cross_attention(2, 32, 16, 2, (8, 8), (6, 1), 0), _cross_attention(3, 16, 8, 4, (4, 6), (3, 5, 2), 1),
+              _cross_attention(1, 8, 12, 1, (2, 2), (4,), 2), _cross_attention(2, 24, 24, 3, (3, 3), (7, 7), 3))),
     Exercise("flow_path", "08_flow_matching", "x_t = (1 - t) x0 + t eps, v = dx_t / dt = eps - x0",
              (_flow_path((4, 4, 8, 8), 0), _flow_path((3, 1, 5, 7), 1, ends=True), _flow_path((2, 3, 4, 4), 2))),
     Exercise("shift_time", "08_flow_matching", "t = shift u / (1 + (shift - 1) u) (SD3 Sec. 5.3.2)",

@@ -114,6 +114,33 @@ def _sincos_rows_first(D, h, w, quarter=True):
     return torch.cat(code[::-1] if quarter else code, 1).float()
 
 
+def _cross_attention_unmasked(m, x, context, mask):   # the padding mask forgotten
+    return _cross_attention_by_hand(m, x, context, None, lambda C, d: d)
+
+
+def _cross_attention_scaled_by_width(m, x, context, mask):   # sqrt(C) for sqrt(d): right with one head only
+    return _cross_attention_by_hand(m, x, context, mask, lambda C, d: C)
+
+
+def _cross_attention_two_heads(m, x, context, mask):   # the notebook layer's 2 heads hard-coded
+    return _cross_attention_by_hand(m, x, context, mask, lambda C, d: d, heads=2)
+
+
+def _cross_attention_by_hand(m, x, context, mask, scale_dim, heads=None):
+    B, C, H, W = x.shape
+    heads = heads or m.num_heads
+    d = C // heads
+    h = m.norm(x).flatten(2).transpose(1, 2)
+    split = lambda t: t.view(B, t.shape[1], heads, d).transpose(1, 2)
+    q, k, v = split(m.q(h)), split(m.k(context)), split(m.v(context))
+    scores = q @ k.transpose(-1, -2) / math.sqrt(scale_dim(C, d))
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    weights = scores.softmax(-1)
+    out = m.proj_out((weights @ v).transpose(1, 2).reshape(B, H * W, C)).transpose(1, 2).reshape(B, C, H, W)
+    return x + out, weights
+
+
 def _adaln_block_ungated(block, x, c):
     D = x.shape[-1]
     shift1, scale1, gate1, shift2, scale2, gate2 = block.adaLN_modulation(c).chunk(6, dim=1)
@@ -165,6 +192,11 @@ WRONG = {
                   (lambda D, h, w: _sincos_rows_first(D, h, w, quarter=False), False)],  # frequencies over D/2
     "modulate": [(lambda x, shift, scale: x * scale[:, None] + shift[:, None], False)],  # no "1 +"
     "adaln_block": [(_adaln_block_ungated, False), (_adaln_block_one_norm, False)],
+    "drop_prompts": [(lambda ids, mask, drop, nid, nmask: (torch.where(drop[:, None], nid, ids), mask), False),
+                     (lambda ids, mask, drop, nid, nmask: (torch.where(drop[:, None], ids, nid),
+                                                           torch.where(drop[:, None], mask, nmask)), False)],  # inverted
+    "cross_attention": [(_cross_attention_unmasked, False), (_cross_attention_scaled_by_width, False),
+                        (_cross_attention_two_heads, True)],
     "flow_path": [(lambda x0, e, t: (t.view(-1, 1, 1, 1) * x0 + (1 - t.view(-1, 1, 1, 1)) * e, e - x0), False),
                   (lambda x0, e, t: ((1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * e, x0 - e), False)],
     "shift_time": [(lambda u, s: s * u / (1 + (s + 1) * u), False),

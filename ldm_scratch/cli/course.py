@@ -26,9 +26,9 @@ from ldm_scratch.course import RESULTS_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = REPO / "notebooks"
-# The notebooks that carry solution markers so far (07 to follow).
+# The notebooks that carry solution markers: every chapter.
 COURSE_NOTEBOOKS = ("01_autoencoder", "02_perceptual_adversarial", "03_latent_space", "04_ddpm",
-                    "05_latent_diffusion", "06_dit", "08_flow_matching", "09_editing")
+                    "05_latent_diffusion", "06_dit", "07_text_to_image", "08_flow_matching", "09_editing")
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 HINT = re.compile(r"#\s*HINT:\s*(.*)")
 CHECK_CALL = re.compile(r"""check\(\s*["']([\w-]+)["']""")
