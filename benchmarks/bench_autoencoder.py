@@ -10,19 +10,16 @@ the speed of a convolution does not depend on what the pixels show.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ldm_scratch.__main__ import machine_info  # noqa: E402
-from ldm_scratch.config import AUTOENCODER_PRESETS, LossConfig, TrainConfig, get_preset  # noqa: E402
-from ldm_scratch.device import cpu_supports_bf16, default_device  # noqa: E402
-from ldm_scratch.stage1 import AutoencoderTask  # noqa: E402
-from ldm_scratch.train import Trainer  # noqa: E402
+from ldm_scratch.__main__ import machine_info
+from ldm_scratch.config import AUTOENCODER_PRESETS, LossConfig, TrainConfig, get_preset
+from ldm_scratch.device import cpu_supports_bf16, default_device
+from ldm_scratch.stage1 import AutoencoderTask
+from ldm_scratch.train import Trainer
 
 # (preset, image size, batch size): the demo's two autoencoders at their training shapes.
 CASES = [("small-f8", 64, 16), ("small-f4", 32, 32)]

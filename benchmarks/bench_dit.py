@@ -16,24 +16,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import tempfile
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ldm_scratch.__main__ import machine_info  # noqa: E402
-from ldm_scratch.bench_timing import trainer_items_per_second  # noqa: E402
-from ldm_scratch.config import DIT_PRESETS, UNET_PRESETS, DiffusionConfig, get_preset  # noqa: E402
-from ldm_scratch.device import cpu_supports_bf16, default_device  # noqa: E402
-from ldm_scratch.diffusion import GaussianDiffusion  # noqa: E402
-from ldm_scratch.dit import DiT  # noqa: E402
-from ldm_scratch.metrics import count_flops  # noqa: E402
-from ldm_scratch.stage2 import diffusion_train_config, draw_step_noise  # noqa: E402
-from ldm_scratch.train import Trainer  # noqa: E402
-from ldm_scratch.unet import UNet  # noqa: E402
+from ldm_scratch.__main__ import machine_info
+from ldm_scratch.bench_timing import trainer_items_per_second
+from ldm_scratch.config import DIT_PRESETS, UNET_PRESETS, DiffusionConfig, get_preset
+from ldm_scratch.device import cpu_supports_bf16, default_device
+from ldm_scratch.diffusion import GaussianDiffusion
+from ldm_scratch.dit import DiT
+from ldm_scratch.metrics import count_flops
+from ldm_scratch.stage2 import diffusion_train_config, draw_step_noise
+from ldm_scratch.train import Trainer
+from ldm_scratch.unet import UNet
 
 BATCH = 64            # the teaching run's batch
 LATENT = (4, 8, 8)    # small-f4 autoencoder: 1 x 32 x 32 digits -> 4 x 8 x 8

@@ -13,20 +13,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ldm_scratch.__main__ import machine_info  # noqa: E402
-from ldm_scratch.bench_timing import sync, trainer_items_per_second  # noqa: E402
-from ldm_scratch.config import UNET_PRESETS, DiffusionConfig, TrainConfig, get_preset  # noqa: E402
-from ldm_scratch.device import cpu_supports_bf16, default_device  # noqa: E402
-from ldm_scratch.stage2 import DiffusionTask, generate  # noqa: E402
-from ldm_scratch.train import Trainer  # noqa: E402
+from ldm_scratch.__main__ import machine_info
+from ldm_scratch.bench_timing import sync, trainer_items_per_second
+from ldm_scratch.config import UNET_PRESETS, DiffusionConfig, TrainConfig, get_preset
+from ldm_scratch.device import cpu_supports_bf16, default_device
+from ldm_scratch.stage2 import DiffusionTask, generate
+from ldm_scratch.train import Trainer
 
 PRESETS = ("small", "tiny")
 BATCH = 64           # the teaching run's batch

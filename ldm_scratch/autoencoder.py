@@ -35,6 +35,10 @@ parameters(residual) = parameters(none) - every 1x1 conv of the SD layout.
 
 With every branch zero, as init_weights leaves it, the model is exactly a non-learned codec:
   mean[k] = A_f(x)[k mod C],  logvar = L0,  decode(mean) = N_f(A_f(x))
+With free_latent_channels, the channels k >= m = C floor(c / C) (channel 3 of c = 4 with C = 3) are
+left to the branches: mean[k] = 0 there at step 0 and the decoder's shortcut reads only the first m, so the
+codec above holds on the first m channels and the rest start empty. Without it channel 3 starts as a second
+copy of red, and the decoder's fold averages it with channel 0.
 A_f: the mean of each f x f pixel block; N_f: nearest upsampling by f (the down shortcuts compose to A_f,
 the up shortcuts to N_f; the channel maps only copy and average channels of one colour). Why it trains
 faster: the SD layout starts from random convs and must first learn to carry the image through ~20
@@ -152,7 +156,8 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(c_in, 2 * cfg.z_channels, 3, padding=1)
         if self.residual:
             self.shortcut_in = ChannelShortcut(cfg.in_channels, cfg.ch, cfg.in_channels)
-            self.shortcut_out = ChannelShortcut(c_in, cfg.z_channels, cfg.in_channels)  # to the c means
+            self.shortcut_out = ChannelShortcut(c_in, cfg.z_channels, cfg.in_channels,  # to the c means
+                                                free=cfg.free_latent_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)  # (B, C, H, W) -> (B, ch, H, W)
@@ -199,7 +204,8 @@ class Decoder(nn.Module):
         self.norm_out = Normalize(c_in, g)
         self.conv_out = nn.Conv2d(c_in, cfg.in_channels, 3, padding=1)
         if self.residual:
-            self.shortcut_in = ChannelShortcut(cfg.z_channels, widths[-1], cfg.in_channels)
+            self.shortcut_in = ChannelShortcut(cfg.z_channels, widths[-1], cfg.in_channels,
+                                               free=cfg.free_latent_channels)
             self.shortcut_out = ChannelShortcut(c_in, cfg.in_channels, cfg.in_channels)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,10 @@ class AutoencoderConfig:
     # around every resampling and at both ends (Chen et al. 2024), so the network learns a residual over a
     # non-learned codec; see autoencoder.py. Folders saved before this field existed load as "none".
     shortcut: str = "none"
+    # Residual only: the latent channels k >= m = C * floor(c / C) (c = 4 with C = 3 colours: channel 3) get no
+    # shortcut, instead of a copy of colour k mod C; the decoder's shortcut reads only the first m. False keeps
+    # the copy (the shipped photo-f8c4 was trained so: its channel 3 repeats channel 0 at r = 1.00, notebook 02).
+    free_latent_channels: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -46,6 +50,8 @@ class AutoencoderConfig:
         set after construction, as the CLI sets in_channels from the data)."""
         if self.shortcut not in SHORTCUTS:
             raise ValueError(f"unknown shortcut {self.shortcut!r}; valid values: {', '.join(SHORTCUTS)}")
+        if self.free_latent_channels and self.shortcut != "residual":
+            raise ValueError("free_latent_channels needs shortcut 'residual' (the SD layout has no shortcut to free)")
         if self.shortcut == "residual" and min(self.z_channels, self.ch * min(self.ch_mult)) < self.in_channels:
             # the non-learned path keeps each image channel in a channel of its own at every width
             raise ValueError(f"shortcut 'residual' needs z_channels and every width >= in_channels "

@@ -174,10 +174,14 @@ class ChannelShortcut(nn.Module):
     class k mod period (the autoencoder's period is the image channels: channel k carries colour k mod C).
 
       fold_m(h)[k] = mean{ h[j] : j = k (mod m) }      tile_b(h)[k] = h[k mod m]
+
+    free=True leaves the channels past m out (the autoencoder's free latent channels): fold reads only h[:m],
+    and tile writes zeros to channels k >= m instead of copies.
     """
 
-    def __init__(self, a: int, b: int, period: int = 1):
+    def __init__(self, a: int, b: int, period: int = 1, free: bool = False):
         super().__init__()
+        self.free = free
         self.m = period * (min(a, b) // period)
         if self.m == 0:
             raise ValueError(f"a channel shortcut {a} -> {b} with period {period} needs both widths >= {period}")
@@ -188,10 +192,14 @@ class ChannelShortcut(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         B, a, H, W = h.shape
+        if self.free and a > self.m and len(self.index) > a:  # free channels in: the shortcut ignores them
+            h, a = h[:, :self.m], self.m
         if a != self.m:  # fold_m(h)[k] = mean{ h[j] : j = k (mod m) }
             h = F.pad(h, (0, 0, 0, 0, 0, self.groups * self.m - a))  # zero channels complete the last group
             h = h.reshape(B, self.groups, self.m, H, W).sum(1) / self.counts.to(h.dtype)  # -> (B, m, H, W)
         if len(self.index) != self.m:  # tile_b(h)[k] = h[k mod m]
+            if self.free and len(self.index) < a:  # free channels out: zeros past m, no copies
+                return F.pad(h, (0, 0, 0, 0, 0, len(self.index) - self.m))  # (B, m, H, W) -> (B, b, H, W)
             h = h[:, self.index]  # (B, m, H, W) -> (B, b, H, W)
         return h
 

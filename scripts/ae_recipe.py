@@ -18,19 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from ldm_scratch.autoencoder import AutoencoderKL  # noqa: E402
-from ldm_scratch.cli.stage1 import machine_info, train_autoencoder, train_autoencoder_parser  # noqa: E402
-from ldm_scratch.config import AUTOENCODER_PRESETS, SHORTCUTS, get_preset  # noqa: E402
-from ldm_scratch.data import HELDOUT_PHOTOS  # noqa: E402
-from ldm_scratch.stage1 import evaluate_photo  # noqa: E402
+from ldm_scratch.autoencoder import AutoencoderKL
+from ldm_scratch.cli.stage1 import machine_info, train_autoencoder, train_autoencoder_parser
+from ldm_scratch.config import AUTOENCODER_PRESETS, SHORTCUTS, get_preset
+from ldm_scratch.data import HELDOUT_PHOTOS
+from ldm_scratch.stage1 import evaluate_photo
 
 NEVER = 10**9  # a step count no run reaches: "no discriminator" / "the wall clock decides"
 # Learning rates per variant. The residual model starts as a working codec with ~25 zero-initialised
@@ -58,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Adam's; the CLI's default (0.5, 0.9) is LDM's for the GAN phase")
     p.add_argument("--perceptual-weight", type=float, default=0.0, help="0: no perceptual net at all")
     p.add_argument("--disc-start", type=int, default=NEVER, help="step the discriminator joins (default: never)")
+    p.add_argument("--free-latent-channels", action="store_true",
+                   help="residual only: latent channels past the image's (channel 3 of 4) start empty, not as copies")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/ae_recipe")
     return p.parse_args(argv)
@@ -74,6 +73,8 @@ def run_variant(args: argparse.Namespace, shortcut: str, lr: float) -> dict:
             "--sample-every", "500", "--ckpt-every", "500", "--log-every", "25", "--out", str(out)]
     if args.perceptual_weight == 0:
         argv += ["--perceptual-net", "none"]
+    if args.free_latent_channels and shortcut == "residual":
+        argv += ["--free-latent-channels"]
     print(f"\n== {shortcut}: train-autoencoder {' '.join(argv)}", flush=True)
     res = train_autoencoder(train_autoencoder_parser().parse_args(argv))
     model = res.pop("task").ae.eval()
@@ -86,7 +87,7 @@ def run_variant(args: argparse.Namespace, shortcut: str, lr: float) -> dict:
 def step0_codec(args: argparse.Namespace) -> dict:
     """The residual model before training: exactly the non-learned area-down / nearest-up codec."""
     cfg = get_preset(AUTOENCODER_PRESETS, args.preset)
-    cfg.shortcut = "residual"
+    cfg.shortcut, cfg.free_latent_channels = "residual", args.free_latent_channels
     model = AutoencoderKL(cfg).eval()
     return {"shortcut": "residual", "lr": 0.0, "steps": 0, "minutes": 0.0, "precision": "-",
             "params": sum(p.numel() for p in model.parameters()),
@@ -99,7 +100,8 @@ def render(report: dict) -> str:
              f"Machine: {m['cpu']} ({m['device']}), {m['threads']} torch thread(s), torch {m['torch']}; "
              f"crops {a['image_size']}, batch {a['batch_size']}, Adam betas {tuple(a['betas'])}, lr warm-up "
              f"{a['lr_warmup_steps']} steps, perceptual weight "
-             f"{a['perceptual_weight']:g}, disc_start {a['disc_start'] if a['disc_start'] < NEVER else 'never'}.", "",
+             f"{a['perceptual_weight']:g}, disc_start {a['disc_start'] if a['disc_start'] < NEVER else 'never'}"
+             f"{', free latent channels' if a.get('free_latent_channels') else ''}.", "",
              "| shortcut | lr | params | steps | minutes | precision | image | PSNR dB | SSIM | floor PSNR | floor SSIM |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["runs"]:

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ldm_scratch.evaluation import evaluate_pipeline  # noqa: E402
-from ldm_scratch.pipeline import LatentDiffusionPipeline  # noqa: E402
-from ldm_scratch.stage2 import evaluate, load_diffusion_model  # noqa: E402
+from ldm_scratch.evaluation import evaluate_pipeline
+from ldm_scratch.pipeline import LatentDiffusionPipeline
+from ldm_scratch.stage2 import evaluate, load_diffusion_model
 
 folder, scales = Path(sys.argv[1]), [float(w) for w in sys.argv[2:]] or [3.0]
 is_pipeline = (folder / "model_index.json").is_file()

@@ -10,17 +10,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ldm_scratch.config import DIT_PRESETS, UNET_PRESETS, TrainConfig, get_preset  # noqa: E402
-from ldm_scratch.ema import EMA  # noqa: E402
-from ldm_scratch.pipeline import build_denoiser  # noqa: E402
-from ldm_scratch.train import make_adamw  # noqa: E402
+from ldm_scratch.config import DIT_PRESETS, UNET_PRESETS, TrainConfig, get_preset
+from ldm_scratch.ema import EMA
+from ldm_scratch.pipeline import build_denoiser
+from ldm_scratch.train import make_adamw
 
 
 def median_ms(fn, reps: int, warmup: int = 3) -> float:

@@ -3,14 +3,11 @@
     python scripts/sample_throughput.py runs/flow/pipeline --steps 4 --sampler euler --threads 2
 One warm-up call (20 images, 5 steps) first; the timed call draws all 1,000 in batches of --batch-size."""
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ldm_scratch.pipeline import LatentDiffusionPipeline  # noqa: E402
+from ldm_scratch.pipeline import LatentDiffusionPipeline
 
 
 def main() -> None:

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ldm_scratch.metrics import real_vs_real_fid, second_eye_distance  # noqa: E402
-from ldm_scratch.pipeline import LatentDiffusionPipeline  # noqa: E402
-from ldm_scratch.stage2 import eval_labels, reference_digits, score_digits  # noqa: E402
+from ldm_scratch.metrics import real_vs_real_fid, second_eye_distance
+from ldm_scratch.pipeline import LatentDiffusionPipeline
+from ldm_scratch.stage2 import eval_labels, reference_digits, score_digits
 
 STEPS = (4, 8, 16, 30, 50, 100)
 DDPM_STEPS = 1000

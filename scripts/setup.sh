@@ -22,4 +22,6 @@ fi
 req=requirements.txt
 [ "${1:-}" = "--dev" ] && req=requirements-dev.txt
 python -m pip install -q -r "$req" 2>&1 | grep -v "^WARNING: Location" || true
+# the package itself, editable (pyproject.toml): `import ldm_scratch` from anywhere, and the `ldm-scratch` command
+if ! log=$(python -m pip install -q --no-deps -e . 2>&1); then echo "$log"; echo "pip install -e . failed"; exit 1; fi
 python -c "import torch, numpy, matplotlib, einops, tqdm, skimage; print(f'environment ready: torch {torch.__version__}, {torch.get_num_threads()} threads')"

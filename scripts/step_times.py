@@ -1,11 +1,9 @@
 """Seconds per training step (batch 64, bf16 autocast, AdamW) of the three class-conditional MNIST
 denoisers of the README's pixel-vs-latent table, measured side by side in one run: `python scripts/step_times.py`."""
 import dataclasses, sys, time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ldm_scratch.config import UNET_PRESETS, DIT_PRESETS
 from ldm_scratch.unet import UNet
 from ldm_scratch.dit import DiT

@@ -27,19 +27,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ldm_scratch.__main__ import build_parser  # noqa: E402
-from ldm_scratch.cli.stage3 import prepare_latent  # noqa: E402
-from ldm_scratch.ema import EMA  # noqa: E402
-from ldm_scratch.metrics import real_vs_real_fid, second_eye_distance  # noqa: E402
-from ldm_scratch.stage2 import eval_labels, reference_digits, score_digits  # noqa: E402
-from ldm_scratch.train import Trainer  # noqa: E402
+from ldm_scratch.__main__ import build_parser
+from ldm_scratch.cli.stage3 import prepare_latent
+from ldm_scratch.ema import EMA
+from ldm_scratch.metrics import real_vs_real_fid, second_eye_distance
+from ldm_scratch.stage2 import eval_labels, reference_digits, score_digits
+from ldm_scratch.train import Trainer
 
 AVERAGES = {"fixed-0.999": (0.999, False), "fixed-0.995": (0.995, False),
             "warmup-0.999": (0.999, True), "warmup-0.9999": (0.9999, True)}

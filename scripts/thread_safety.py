@@ -22,7 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 WORKER = r"""
 import sys, time, torch, dataclasses
-sys.path.insert(0, {root!r})
 from ldm_scratch.config import DIT_PRESETS, UNET_PRESETS, TrainConfig, get_preset
 from ldm_scratch.device import autocast
 from ldm_scratch.diffusion import GaussianDiffusion

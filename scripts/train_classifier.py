@@ -16,7 +16,6 @@ import argparse
 import datetime
 import math
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -24,10 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ldm_scratch.checkpoint import atomic_json_save, atomic_torch_save  # noqa: E402
-from ldm_scratch.data import MNIST5k  # noqa: E402
-from ldm_scratch.metrics import CLASSIFIER_PATH, MNISTClassifier, predict  # noqa: E402
+from ldm_scratch.checkpoint import atomic_json_save, atomic_torch_save
+from ldm_scratch.data import MNIST5k
+from ldm_scratch.metrics import CLASSIFIER_PATH, MNISTClassifier, predict
 
 MAX_SHIFT_PX = 2.0
 MAX_ROTATION_DEG = 10.0

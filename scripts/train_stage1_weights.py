@@ -36,19 +36,18 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from ldm_scratch import adherence  # noqa: E402
-from ldm_scratch.autoencoder import AutoencoderKL  # noqa: E402
-from ldm_scratch.checkpoint import atomic_json_save, atomic_torch_save, read_json  # noqa: E402
-from ldm_scratch.cli.stage1 import machine_info  # noqa: E402
-from ldm_scratch.data import ColoredDigits, MNIST5k  # noqa: E402
-from ldm_scratch.device import resolve_precision  # noqa: E402
-from ldm_scratch.metrics import (classifier_fid, conditional_accuracy, load_classifier, psnr, real_vs_real_fid,  # noqa: E402
+from ldm_scratch import adherence
+from ldm_scratch.autoencoder import AutoencoderKL
+from ldm_scratch.checkpoint import atomic_json_save, atomic_torch_save, read_json
+from ldm_scratch.cli.stage1 import machine_info
+from ldm_scratch.data import ColoredDigits, MNIST5k
+from ldm_scratch.device import resolve_precision
+from ldm_scratch.metrics import (classifier_fid, conditional_accuracy, load_classifier, psnr, real_vs_real_fid,
                                  second_eye_distance, ssim)
-from ldm_scratch.pretrained import PRETRAINED_AUTOENCODERS, WEIGHTS_DIR, autoencoder_folder, load_autoencoder  # noqa: E402
-from ldm_scratch.stage1 import floor_reconstruction  # noqa: E402
-from ldm_scratch.stage2 import reference_digits  # noqa: E402
-from ldm_scratch.train import save_image_grid  # noqa: E402
+from ldm_scratch.pretrained import PRETRAINED_AUTOENCODERS, WEIGHTS_DIR, autoencoder_folder, load_autoencoder
+from ldm_scratch.stage1 import floor_reconstruction
+from ldm_scratch.stage2 import reference_digits
+from ldm_scratch.train import save_image_grid
 
 @dataclass(frozen=True)
 class Recipe:

@@ -101,6 +101,29 @@ def test_zeroed_branches_are_exactly_the_codec(C, ch, ch_mult, c):
             assert torch.allclose(model(x, sample_posterior=False)[0], x_ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("C,ch_mult,c", [(3, (1, 2, 2, 2), 4), (3, (1, 2, 2), 5), (3, (1, 2, 2, 2, 4), 16)])
+def test_free_latent_channels_start_empty_and_are_not_read_by_the_shortcut(C, ch_mult, c):
+    """free_latent_channels: the channels past m = C floor(c / C) hold 0 (not a copy of colour k mod C), the first
+    m are the codec's block means, the zeroed decoder ignores the free ones, and the default keeps the copy."""
+    m = C * (c // C)
+    model = AutoencoderKL(cfg(C=C, ch=16, ch_mult=ch_mult, c=c, free_latent_channels=True)).eval()
+    f = model.cfg.f
+    x = torch.rand(2, C, 2 * f, 2 * f) * 2 - 1
+    z_ref, x_ref = codec(x, f, c)
+    with torch.no_grad():
+        mean = model.encode(x).mean
+        assert torch.allclose(mean[:, :m], z_ref[:, :m], atol=1e-6) and torch.equal(mean[:, m:], torch.zeros_like(mean[:, m:]))
+        assert torch.allclose(model.decode(mean), x_ref, atol=1e-6)
+        z = mean.clone()
+        z[:, m:] = torch.randn_like(z[:, m:])                      # anything in the free channels ...
+        assert torch.allclose(model.decode(z), x_ref, atol=1e-6)  # ... is invisible to the shortcut path
+        copy = AutoencoderKL(cfg(C=C, ch=16, ch_mult=ch_mult, c=c)).eval()
+        assert torch.allclose(copy.encode(x).mean[:, m:], z_ref[:, m:], atol=1e-6)  # the default: copies
+    assert len(residual_branch_ends(model)) == len(residual_branch_ends(copy))  # no parameters added or lost
+    with pytest.raises(ValueError, match="free_latent_channels needs shortcut 'residual'"):
+        cfg("none", free_latent_channels=True)
+
+
 def test_zeroed_decoder_of_any_latent_when_widths_divide():
     """One image channel and power-of-two widths: every latent channel has equal weight, so the zeroed
     decoder paints the mean of the latent channels."""

@@ -32,9 +32,6 @@ COURSE_NOTEBOOKS = ("01_autoencoder", "02_perceptual_adversarial", "03_latent_sp
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 HINT = re.compile(r"#\s*HINT:\s*(.*)")
 CHECK_CALL = re.compile(r"""check\(\s*["']([\w-]+)["']""")
-# A solution notebook finds the package one folder up; its student copy sits one folder deeper.
-SYS_PATH_LINE = 'sys.path.insert(0, os.path.abspath(".."))'
-STUDENT_SYS_PATH_LINE = 'sys.path.insert(0, os.path.abspath(os.path.join("..", "..")))'
 
 
 def stub_source(source: str) -> str:
@@ -71,7 +68,6 @@ def student_notebook(solution: Path):
         cell.outputs, cell.execution_count = [], None
         if BEGIN in cell.source:
             cell.source = stub_source(cell.source)
-        cell.source = cell.source.replace(SYS_PATH_LINE, STUDENT_SYS_PATH_LINE)
     return nb
 
 
