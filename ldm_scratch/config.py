@@ -80,7 +80,7 @@ class LossConfig:
     disc_layers: int = 3
     disc_loss: str = "hinge"             # "hinge" or "vanilla" (non-saturating)
     adaptive_weight_max: float = 1e4     # clamp on ||grad L_rec|| / (||grad L_G|| + 1e-4)
-    perceptual_net: str = "default"      # "default" (shipped offline net), "vgg16" (needs local weights), "none"
+    perceptual_net: str = "default"      # "default" / "contrastive" (shipped offline nets), "vgg16" (local weights), "none"
     vgg_path: str = ""                   # perceptual_net="vgg16": torchvision vgg16 state_dict file
     lin_path: str = ""                   # perceptual_net="vgg16": LPIPS lin weights (weights/v0.1/vgg.pth)
     disc_norm: str = "group"             # "group", "batch" (LDM's) or "none"; see PatchDiscriminator

@@ -133,8 +133,9 @@ class AutoencoderLoss(nn.Module):
         super().__init__()
         if cfg.disc_loss not in ("hinge", "vanilla"):
             raise ValueError(f"disc_loss must be 'hinge' or 'vanilla', got {cfg.disc_loss!r}")
-        if cfg.perceptual_net not in ("default", "vgg16", "none"):
-            raise ValueError(f"perceptual_net must be 'default', 'vgg16' or 'none', got {cfg.perceptual_net!r}")
+        if cfg.perceptual_net not in ("default", "contrastive", "vgg16", "none"):
+            raise ValueError(f"perceptual_net must be 'default', 'contrastive', 'vgg16' or 'none', "
+                             f"got {cfg.perceptual_net!r}")
         self.cfg = cfg
         # log b of the Laplace likelihood, one scalar for all pixels (LDM's logvar); trained with the AE
         self.logvar = nn.Parameter(torch.tensor(float(cfg.logvar_init)))

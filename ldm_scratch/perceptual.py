@@ -9,14 +9,19 @@ weight per channel (LPIPS's 1x1 "lin" layers); the squared distance is averaged 
 summed over layers. Two backbones:
 
   "default"  a small 4-stage conv net (32-64-128-128) that this project trains itself, offline and
-             reproducibly (scripts/train_perceptual.py), shipped in weights/perceptual_default.pt.
-             Its lin weights are all 1: LPIPS's "baseline" variant. Zhang et al. (Sec. 4.1, Fig. 4)
-             find that unit-normalised features of nets trained on supervised AND self-supervised
-             tasks, with no learned weighting at all, already agree with human 2AFC judgements far
-             better than L2/SSIM; "lin" calibration adds only a few points on top.
-             Measured limit (held-out astronaut, 64x64 crops, equal MSE, see distortion_pairs): it
-             rates blur worst (0.42) and a 1-pixel shift milder (0.20), but Gaussian noise mildest
-             (0.14): digits + rotation teach little about noise. SSIM rates noise worst.
+             reproducibly (scripts/train_perceptual.py), shipped in weights/perceptual_default.pt:
+             MNIST digit classification plus rotation prediction on training-photo crops, lin weights
+             all 1 (LPIPS's "baseline" variant; Zhang et al. Sec. 4.1, Fig. 4 find unit-normalised
+             features of supervised and self-supervised nets already agree with people far better than
+             L2/SSIM). Measured limit (held-out crops, equal MSE, distortion_ranking): it rates blur
+             worst but Gaussian noise milder than a one-pixel shift: digits + rotation teach little about noise.
+  "contrastive"  the same architecture trained by scripts/train_perceptual_contrastive.py, shipped in
+             weights/perceptual_contrastive.pt: a self-supervised trunk (two views of a training-photo crop,
+             one moved by up to 2 pixels, must find each other) and lin weights calibrated as LPIPS's "lin"
+             variant is, on synthetic judgements (at equal MSE a one-pixel shift of a training crop must come
+             out closer than its blur and its noise). On held-out crops it ranks the shift least of five
+             distortions, two of them never used in training (README "Perceptual loss"). Not the default:
+             as a loss at weight 1 it wrecked notebook 02's short GAN run (it weighs colour casts 16x a shift).
   "vgg16"    the LPIPS-VGG network: torchvision-layout VGG16 weights + LPIPS lin weights, both read
              from local files the user already has (nothing is downloaded).
 
@@ -36,6 +41,7 @@ from torch import nn
 from .checkpoint import CheckpointError, safe_torch_load
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "perceptual_default.pt"
+CONTRASTIVE_WEIGHTS = Path(__file__).resolve().parent / "weights" / "perceptual_contrastive.pt"
 
 # LPIPS's ScalingLayer: ImageNet's per-channel mean (0.485, 0.456, 0.406) and std (0.229, 0.224,
 # 0.225), re-expressed for inputs in [-1, 1]: shift = 2 * mean - 1, scale = 2 * std.
@@ -144,6 +150,7 @@ class PerceptualLoss(nn.Module):
     """d(x, y) of LPIPS Eq. 1 for images (B, 1 or 3, H, W) in [-1, 1]; returns (B,).
 
     PerceptualLoss()                                        the shipped offline default net
+    PerceptualLoss("contrastive")                           the shipped net that ranks distortions like a person
     PerceptualLoss("vgg16", vgg_path=..., lin_path=...)     LPIPS-VGG from local files
     """
 
@@ -158,12 +165,25 @@ class PerceptualLoss(nn.Module):
             self.net = load_vgg16(vgg_path)
             lins = load_lin(lin_path, VGG16_TAP_CHANNELS)
             shift, scale = LPIPS_SHIFT, LPIPS_SCALE
-        elif net == "default":
-            self.net, lins = load_default(default_path)
+        elif net in ("default", "contrastive"):
+            self.net, lins = load_default(default_path if net == "default" else CONTRASTIVE_WEIGHTS)
             # The default net was trained on [-1, 1] inputs directly: identity scaling.
             shift, scale = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
         else:
-            raise ValueError(f"net must be 'default' or 'vgg16', got {net!r}")
+            raise ValueError(f"net must be 'default', 'contrastive' or 'vgg16', got {net!r}")
+        self._setup(lins, shift, scale)
+
+    @classmethod
+    def from_parts(cls, net: nn.Module, lins: list[torch.Tensor]) -> "PerceptualLoss":
+        """A metric from a trunk returning a list of taps and one (1, C_l, 1, 1) weight per tap, inputs used
+        as they are ([-1, 1]): how scripts/train_perceptual.py checks a net before writing the file."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.net = net
+        self._setup(lins, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        return self
+
+    def _setup(self, lins: list[torch.Tensor], shift: tuple, scale: tuple) -> None:
         self.register_buffer("shift", torch.tensor(shift).view(1, 3, 1, 1))
         self.register_buffer("scale", torch.tensor(scale).view(1, 3, 1, 1))
         for l, w in enumerate(lins):
@@ -210,16 +230,23 @@ def load_default(path: str | os.PathLike = DEFAULT_WEIGHTS) -> tuple[SmallFeatur
     return net, lins
 
 
+DISTORTIONS = ("shift", "blur", "noise", "blocking", "colour")
+
+
 def distortion_pairs(image: torch.Tensor, target_mse: float | None = None,
                      generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """Three distortions of `image` (B, C, H, W) in [-1, 1] at EQUAL per-image MSE:
+    """Five distortions of `image` (B, C, H, W) in [-1, 1] at EQUAL per-image MSE (DISTORTIONS):
 
-    "shift" the image moved right by one pixel (first column repeated), "blur" a Gaussian blur
-    whose sigma is found by bisection, "noise" additive Gaussian noise rescaled to the exact MSE.
-    The shift's MSE is fixed by the content, so by default it sets the target for the other two;
-    a given `target_mse` is then used for blur and noise only (on a nearly flat image even the widest
-    blur, sigma 20, may stay below the target: check the MSEs). A person calls the shift nearly
-    identical and the other two clearly worse: a good metric should rank them the same way.
+    "shift"     the image moved right by one pixel (first column repeated)
+    "blur"      a Gaussian blur whose sigma is found by bisection
+    "noise"     additive Gaussian noise rescaled to the exact MSE
+    "blocking"  JPEG's artefact at its coarsest: x + a (B8(x) - x), B8 = the mean of each 8 x 8 block,
+                a set for the exact MSE
+    "colour"    one constant offset per channel (a colour cast; a random direction, scaled to the MSE)
+    The shift's MSE is fixed by the content, so by default it sets the target for the others; a given
+    `target_mse` is then used for the others only (on a nearly flat image even the widest blur, sigma 20,
+    may stay below the target: check the MSEs). A person calls the shift nearly identical and the others
+    clearly worse: a good metric should rank the shift least different.
     """
     shifted = torch.cat([image[..., :1], image[..., :-1]], dim=-1)  # (B, C, H, W), moved right by 1
     mse_shift = ((shifted - image) ** 2).mean(dim=(1, 2, 3))  # (B,)
@@ -228,7 +255,30 @@ def distortion_pairs(image: torch.Tensor, target_mse: float | None = None,
     rms = eps.pow(2).mean(dim=(1, 2, 3)).sqrt()  # (B,)
     noisy = image + eps * (target.sqrt() / rms)[:, None, None, None]
     blurred = torch.stack([_blur_to_mse(img, float(m)) for img, m in zip(image, target)])
-    return {"shift": shifted, "blur": blurred, "noise": noisy}
+    H, W = image.shape[-2:]
+    blocks = F.interpolate(F.avg_pool2d(image, 8, ceil_mode=True), scale_factor=8, mode="nearest")[..., :H, :W]
+    mse_blocks = ((blocks - image) ** 2).mean(dim=(1, 2, 3)).clamp_min(1e-12)
+    blocky = image + (target / mse_blocks).sqrt()[:, None, None, None] * (blocks - image)
+    cast = torch.randn(image.shape[0], image.shape[1], 1, 1, generator=generator, dtype=image.dtype)
+    cast = cast / cast.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt()        # unit mean square per image
+    coloured = image + cast * target.sqrt()[:, None, None, None]
+    return {"shift": shifted, "blur": blurred, "noise": noisy, "blocking": blocky, "colour": coloured}
+
+
+@torch.no_grad()
+def distortion_ranking(distance, crops: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+    """How a distance ranks the five equal-MSE distortions of each crop (distortion_pairs).
+
+    distance(a, b) -> (B,). Returns the mean distance per kind, the kinds ordered by it, and on how many
+    crops the one-pixel shift is the least different of all five ("shift_least") and of shift, blur and
+    noise ("shift_least_of_three"), with n the number of crops."""
+    distorted = distortion_pairs(crops, generator=generator)
+    per = {k: torch.as_tensor(distance(crops, v)).float().flatten() for k, v in distorted.items()}
+    others = torch.stack([per[k] for k in per if k != "shift"], 1)
+    mean = {k: float(v.mean()) for k, v in per.items()}
+    return {"mean": mean, "order": sorted(mean, key=mean.get), "per_crop": per, "n": len(crops),
+            "shift_least": int((per["shift"][:, None] < others).all(1).sum()),
+            "shift_least_of_three": int((per["shift"] < torch.minimum(per["blur"], per["noise"])).sum())}
 
 
 def _gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:

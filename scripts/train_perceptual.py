@@ -25,7 +25,6 @@ one thread also proved faster on a busy 2-core machine, where two threads keep w
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -34,10 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ldm_scratch.checkpoint import atomic_torch_save  # noqa: E402
-from ldm_scratch.data import TRAIN_PHOTOS, MNIST5k, area_downsample, load_photo_uint8, to_signed  # noqa: E402
-from ldm_scratch.perceptual import DEFAULT_WEIGHTS, SmallFeatures  # noqa: E402
+from ldm_scratch.checkpoint import atomic_torch_save
+from ldm_scratch.data import TRAIN_PHOTOS, MNIST5k, area_downsample, load_photo_uint8, to_signed
+from ldm_scratch.perceptual import DEFAULT_WEIGHTS, SmallFeatures
 
 CROP = 32                      # the size the digit images are padded to: one input size for both tasks
 SCALES = (1, 2, 4)             # area-downsampling factors: 32 px covers fur at 1x, a whole face at 1/4

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from ldm_scratch.checkpoint import CheckpointError, safe_torch_load
-from ldm_scratch.perceptual import (DEFAULT_WEIGHTS, PerceptualLoss, distortion_pairs, load_default,
+from ldm_scratch.perceptual import (CONTRASTIVE_WEIGHTS, DEFAULT_WEIGHTS, DISTORTIONS, PerceptualLoss, distortion_pairs,
+                                    distortion_ranking, load_default,
                                     unit_normalize)
 
 # torchvision's vgg16().features: the indices of the 13 convs and their (out, in) widths
@@ -131,5 +132,36 @@ def test_distortion_pairs_have_equal_mse():
     x = torch.nn.functional.interpolate(torch.rand(2, 3, 6, 6) * 2 - 1, size=24, mode="bilinear")
     pairs = distortion_pairs(x, generator=torch.Generator().manual_seed(0))
     mse = {k: ((v - x) ** 2).mean(dim=(1, 2, 3)) for k, v in pairs.items()}
-    assert torch.allclose(mse["noise"], mse["shift"], rtol=1e-4)
+    assert list(pairs) == list(DISTORTIONS)
+    for kind in ("noise", "blocking", "colour"):
+        assert torch.allclose(mse[kind], mse["shift"], rtol=1e-4), kind
     assert torch.allclose(mse["blur"], mse["shift"], rtol=2e-2)
+    # blocking is a blend towards the 8 x 8 block means; the colour cast is one constant per channel
+    blocks = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(x, 8), scale_factor=8, mode="nearest")
+    a = ((pairs["blocking"] - x) / (blocks - x)).flatten(1)
+    assert torch.allclose(a, a[:, :1].expand_as(a), rtol=1e-3)
+    cast = pairs["colour"] - x
+    assert torch.allclose(cast, cast[..., :1, :1].expand_as(cast), atol=1e-6)
+
+
+def test_distortion_ranking_counts_the_shift_least():
+    x = torch.nn.functional.interpolate(torch.rand(3, 3, 6, 6) * 2 - 1, size=24, mode="bilinear")
+
+    def shift_blind(a, b):      # a distance that sees nothing of a one-pixel move right
+        return ((a[..., 1:] - b[..., 1:]) ** 2 * (b[..., 1:] != a[..., :-1])).mean(dim=(1, 2, 3))
+    r = distortion_ranking(shift_blind, x, generator=torch.Generator().manual_seed(0))
+    assert r["n"] == 3 and r["shift_least"] == 3 and r["shift_least_of_three"] == 3 and r["order"][0] == "shift"
+    r = distortion_ranking(lambda a, b: -((a - b) ** 2).mean(dim=(1, 2, 3)), x)  # ties: nothing is strictly least
+    assert r["shift_least"] == 0
+
+
+def test_shipped_contrastive_net_ranks_the_shift_least_on_average():
+    """The shipped contrastive net, on held-out astronaut crops (never trained on): the one-pixel shift is, on
+    average, closer than every other distortion of equal MSE (scripts/train_perceptual_contrastive.py measures
+    it per crop); the default net does not (noise comes out milder)."""
+    from ldm_scratch.data import load_photo
+    x = load_photo("astronaut")
+    crops = torch.stack([x[:, i:i + 64, j:j + 64] for i, j in ((40, 180), (200, 200), (300, 60), (380, 300))])
+    r = distortion_ranking(PerceptualLoss("contrastive"), crops, generator=torch.Generator().manual_seed(0))
+    assert r["order"][0] == "shift", r["mean"]
+    assert CONTRASTIVE_WEIGHTS.stat().st_size < 1_000_000

@@ -33,14 +33,14 @@ NUM = r"(-?[\d,]*\.?\d+)"
 # (notebook, pattern over its outputs, pattern over README.md): the groups of the two correspond one to one.
 CLAIMS = [
     ("02_perceptual_adversarial",
-     rf"1-SSIM\s+{NUM}\s+{NUM}\s+{NUM}",
-     rf"\| 1 - SSIM \| {NUM} \| {NUM} \| {NUM} \|"),
+     rf"1-SSIM\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}[^\n]*?{NUM}/8, {NUM}/8",
+     rf"\| 1 - SSIM \| {NUM} \| {NUM} \| {NUM} \| {NUM} \| {NUM} \| [^|]+\| {NUM}/8 \| {NUM}/8 \|"),
     ("02_perceptual_adversarial",
-     rf"perceptual \(default\)\s+{NUM}\s+{NUM}\s+{NUM}",
-     rf"\| ours, default net \(`perceptual_default.pt`\) \| {NUM} \| {NUM} \| {NUM} \|"),
+     rf"perceptual \(default\)\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}[^\n]*?{NUM}/8, {NUM}/8",
+     rf"\| default net \(`perceptual_default.pt`\) \| {NUM} \| {NUM} \| {NUM} \| {NUM} \| {NUM} \| [^|]+\| {NUM}/8 \| {NUM}/8 \|"),
     ("02_perceptual_adversarial",
-     rf"perceptual \(random net\)\s+{NUM}\s+{NUM}\s+{NUM}",
-     rf"\| same architecture, random weights \| {NUM} \| {NUM} \| {NUM} \|"),
+     rf"perceptual \(random net\)\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}[^\n]*?{NUM}/8, {NUM}/8",
+     rf"\| same architecture, random weights \| {NUM} \| {NUM} \| {NUM} \| {NUM} \| {NUM} \| [^|]+\| {NUM}/8 \| {NUM}/8 \|"),
     ("06_dit",
      rf"DiT-S /2\s+\S+\s+{NUM}[\s\S]*?DiT-B /2\s+\S+\s+{NUM}[\s\S]*?DiT-L /2\s+\S+\s+{NUM}[\s\S]*?"
      rf"DiT-XL/2\s+\S+\s+{NUM}",
@@ -82,7 +82,9 @@ CLAIMS = [
      rf"autoencoder reconstruction {NUM}\nddpm: inpainted, decoder's rendering {NUM}[\s\S]*?label: {NUM}\n"
      rf"flow: inpainted, decoder's rendering {NUM}[\s\S]*?label: {NUM}[\s\S]*?right half blank: {NUM}",
      rf"is {NUM} \(DDPM\) / {NUM} \(flow\) in the decoder's rendering, against the\nautoencoder's own {NUM}"
-     rf"[\s\S]*?label on {NUM} / {NUM} of them \({NUM} with"),
+     rf"[\s\S]*?label on {NUM} / {NUM} of them \({NUM} with"),    ("02_perceptual_adversarial",
+     rf"perceptual \(contrastive\)\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}\s+{NUM}[^\n]*?{NUM}/8, {NUM}/8",
+     rf"\| contrastive net \(`perceptual_contrastive.pt`\) \| {NUM} \| {NUM} \| {NUM} \| {NUM} \| {NUM} \| [^|]+\| {NUM}/8 \| {NUM}/8 \|"),
 ]
 # README groups that name the same quantity in another order than the notebook prints it
 ORDER = {4: (0, 2, 1),  # the ablation: the README lists adaLN-Zero, in-context, cross-attention

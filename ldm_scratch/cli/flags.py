@@ -17,7 +17,7 @@ from ldm_scratch.diffusion import PREDICTIONS, SCHEDULES
 
 # The string fields whose valid values are a closed set.
 CHOICES = {"precision": ("auto", "bf16", "fp32"), "disc_loss": ("hinge", "vanilla"),
-           "perceptual_net": ("default", "vgg16", "none"), "schedule": SCHEDULES, "prediction": PREDICTIONS,
+           "perceptual_net": ("default", "contrastive", "vgg16", "none"), "schedule": SCHEDULES, "prediction": PREDICTIONS,
            "adamw": ("auto", "fused", "foreach", "loop")}
 # Fields the command sets itself: the data decides the channels and size; the scale and shift are measured.
 NOT_FLAGS = {"in_channels", "out_channels", "sample_size", "scale_factor", "shift_factor"}
