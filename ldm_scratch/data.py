@@ -142,6 +142,12 @@ def area_downsample(img: torch.Tensor, factor: int) -> torch.Tensor:
     return small.round().to(torch.uint8)
 
 
+def photo_versions(names: tuple[str, ...] = TRAIN_PHOTOS, scales: tuple[int, ...] = (1, 2, 4)) -> list[torch.Tensor]:
+    """Every photo of `names` area-downsampled by every factor of `scales` (name-major order): (3, H/s, W/s)
+    float tensors in [-1, 1]. The perceptual nets' training scripts draw their crops from these."""
+    return [to_signed(area_downsample(load_photo_uint8(name), s)) for name in names for s in scales]
+
+
 class PhotoCrops(Dataset):
     """Random size x size crops of the training photos: float32 (3, size, size) in [-1, 1].
 

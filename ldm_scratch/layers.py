@@ -181,8 +181,11 @@ class ChannelShortcut(nn.Module):
 
     def __init__(self, a: int, b: int, period: int = 1, free: bool = False):
         super().__init__()
-        self.free = free
         self.m = period * (min(a, b) // period)
+        # free: widening from a latent (a -> b > a) reads only its first m channels; narrowing to a latent
+        # (a -> b < a) writes zeros to its channels past m
+        self.read_first_m = free and self.m < a < b
+        self.zero_past_m = free and self.m < b < a
         if self.m == 0:
             raise ValueError(f"a channel shortcut {a} -> {b} with period {period} needs both widths >= {period}")
         self.groups = -(-a // self.m)  # ceil(a / m): the last group may be short of channels
@@ -192,13 +195,13 @@ class ChannelShortcut(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         B, a, H, W = h.shape
-        if self.free and a > self.m and len(self.index) > a:  # free channels in: the shortcut ignores them
+        if self.read_first_m:  # free channels in: the shortcut ignores them
             h, a = h[:, :self.m], self.m
         if a != self.m:  # fold_m(h)[k] = mean{ h[j] : j = k (mod m) }
             h = F.pad(h, (0, 0, 0, 0, 0, self.groups * self.m - a))  # zero channels complete the last group
             h = h.reshape(B, self.groups, self.m, H, W).sum(1) / self.counts.to(h.dtype)  # -> (B, m, H, W)
         if len(self.index) != self.m:  # tile_b(h)[k] = h[k mod m]
-            if self.free and len(self.index) < a:  # free channels out: zeros past m, no copies
+            if self.zero_past_m:  # free channels out: zeros past m, no copies
                 return F.pad(h, (0, 0, 0, 0, 0, len(self.index) - self.m))  # (B, m, H, W) -> (B, b, H, W)
             h = h[:, self.index]  # (B, m, H, W) -> (B, b, H, W)
         return h

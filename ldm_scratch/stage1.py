@@ -144,6 +144,13 @@ def floor_reconstruction(x: torch.Tensor, f: int) -> torch.Tensor:
     return up.clamp(-1, 1)  # bicubic overshoots the range at edges
 
 
+def crop_to_multiple(x: torch.Tensor, f: int) -> torch.Tensor:
+    """x (..., H, W) centre-cropped so that H and W are multiples of f (coffee is 400 x 600: at f = 16, 400 x 592)."""
+    H, W = x.shape[-2:]
+    top, left = (H % f) // 2, (W % f) // 2
+    return x[..., top:top + H - H % f, left:left + W - W % f]
+
+
 @torch.no_grad()
 def evaluate_photo(model: AutoencoderKL, name: str = "astronaut") -> dict[str, float]:
     """PSNR/SSIM of the full-size held-out photo through the autoencoder (posterior mode, no noise),
@@ -155,10 +162,7 @@ def evaluate_photo(model: AutoencoderKL, name: str = "astronaut") -> dict[str, f
     if x.dim() == 3:
         x = x.unsqueeze(0)  # (C, H, W) -> (1, C, H, W)
     f = model.cfg.f if hasattr(model, "cfg") else 8
-    H, W = x.shape[-2:]
-    if H % f or W % f:  # centre-crop to a multiple of f (coffee is 400 x 600: at f = 16, 400 x 592)
-        top, left = (H % f) // 2, (W % f) // 2
-        x = x[..., top:top + H - H % f, left:left + W - W % f]
+    x = crop_to_multiple(x, f)
     model.eval()
     x = x.to(next(model.parameters()).device)
     x_rec = model.decode(model.encode(x).mode()).clamp(-1, 1)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm_scratch.checkpoint import atomic_torch_save
-from ldm_scratch.data import TRAIN_PHOTOS, MNIST5k, area_downsample, load_photo_uint8, to_signed
+from ldm_scratch.data import TRAIN_PHOTOS, MNIST5k, photo_versions
 from ldm_scratch.perceptual import DEFAULT_WEIGHTS, SmallFeatures
 
 CROP = 32                      # the size the digit images are padded to: one input size for both tasks
@@ -46,11 +46,6 @@ def load_digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tenso
     tr, te = MNIST5k(split="train", pad_to=CROP), MNIST5k(split="test", pad_to=CROP)
     rgb = [d.images.expand(-1, 3, -1, -1).contiguous() for d in (tr, te)]  # (N, 1, 32, 32) -> (N, 3, 32, 32)
     return rgb[0], tr.labels, rgb[1], te.labels
-
-
-def load_photos() -> list[torch.Tensor]:
-    """data.TRAIN_PHOTOS (astronaut and coffee are held out there) at each scale: (3, H, W) in [-1, 1]."""
-    return [to_signed(area_downsample(load_photo_uint8(name), f)) for name in TRAIN_PHOTOS for f in SCALES]
 
 
 def rotation_batch(photos: list[torch.Tensor], n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +90,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     x_tr, y_tr, x_te, y_te = load_digits()
-    photos = load_photos()
+    photos = photo_versions(scales=SCALES)
     print(f"digits: MNIST-5k {len(x_tr)} train / {len(x_te)} held out; photos: {', '.join(TRAIN_PHOTOS)}")
 
     model = TwoHeads(SmallFeatures((32, 64, 128, 128)))

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm_scratch.checkpoint import atomic_torch_save
-from ldm_scratch.data import TRAIN_PHOTOS, area_downsample, load_photo, load_photo_uint8, to_signed
+from ldm_scratch.data import TRAIN_PHOTOS, load_photo, photo_versions
 from ldm_scratch.perceptual import (CONTRASTIVE_WEIGHTS, SmallFeatures, distortion_pairs,
                                     distortion_ranking, unit_normalize)
 
@@ -57,11 +57,6 @@ VIEW = 48                      # contrastive view side
 MAX_SHIFT = 2                  # the second view is moved by up to this many pixels
 CALIB_CROP, CALIB_N = 64, 384  # lin calibration: crops of the training photos (scales 1 and 2)
 CALIB_KINDS = ("blur", "noise")  # the kinds the shift is ranked against in calibration (blocking, colour: held out)
-
-
-def load_photos(scales: tuple[int, ...] = SCALES) -> list[torch.Tensor]:
-    """data.TRAIN_PHOTOS at each scale: (3, H, W) in [-1, 1]."""
-    return [to_signed(area_downsample(load_photo_uint8(name), f)) for name in TRAIN_PHOTOS for f in scales]
 
 
 def view_pairs(photos: list[torch.Tensor], n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,10 +175,10 @@ def main() -> None:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     t0 = time.time()
-    photos = [p for p in load_photos() if min(p.shape[-2:]) >= VIEW + 2 * MAX_SHIFT]
+    photos = [p for p in photo_versions(scales=SCALES) if min(p.shape[-2:]) >= VIEW + 2 * MAX_SHIFT]
     print(f"photos: {', '.join(TRAIN_PHOTOS)} at scales {SCALES}")
     trunk = train_trunk(photos, args.steps, args.batch, args.lr, rng)
-    lin = calibrate_lin(trunk, load_photos((1, 2)), args.lin_steps, rng, args.seed + 5)
+    lin = calibrate_lin(trunk, photo_versions(scales=(1, 2)), args.lin_steps, rng, args.seed + 5)
 
     crops = heldout_crops()
     lins, start = [], 0
