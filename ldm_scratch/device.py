@@ -10,8 +10,10 @@ import functools
 import math
 import os
 import time
+import warnings
 
 import torch
+from torch import nn
 
 # A thread of ours shares a core with a busy process when fewer than this many cores' worth are free.
 THREAD_MARGIN = 0.3
@@ -104,3 +106,70 @@ def set_safe_num_threads(verbose: bool = True) -> int | None:
             print(f"using {n} torch thread(s): {busy:.1f} of {os.cpu_count()} cores were busy at start "
                   f"(set OMP_NUM_THREADS to choose)", flush=True)
     return n
+
+
+# ------------------------------------------------------------------ torch.compile for sampling
+class CompiledForSampling(nn.Module):
+    """A denoiser compiled for sampling: `torch.compile` (inductor, static shapes) with the weights frozen in.
+
+    Sampling calls the same network 2 x 50 times per batch with the same weights, the case compiling pays
+    for. Freezing (`torch._inductor.config.freezing`) treats the weights as constants, so inductor folds them
+    into the graph and lets oneDNN pre-pack them once instead of at every call. Measured on 2 idle threads
+    (README "Speed": 1,000 guided images, 50 DDIM steps): the latent DiT 20.8 -> 8.8 s, the latent U-Net
+    45 -> 27 s, and 22 s with `channels_last` (the convolutions' weights and activations stored NHWC, which
+    oneDNN prefers; values unchanged), after 12-22 s of compiling at the first call of each batch shape
+    (shown in `compile_seconds`). Plain compile without freezing gave 12.1 and 33.4 s.
+
+    Three things a reader would trip on, handled here:
+      - frozen weights go stale: if any parameter changed in place since compiling (an optimizer step,
+        load_state_dict; torch counts them in `Tensor._version`), the next call compiles again;
+      - with gradients on (training) it runs the plain model: freezing is for inference only;
+      - no C++ compiler (inductor writes C++ for the CPU) or an op inductor cannot handle: the first call
+        warns once and runs the plain model from then on (`fallback` says why). An error the plain model
+        raises too (a wrong shape) is raised as usual.
+    Each new input shape (the guided batch 2B, the last partial batch, w = 1) compiles once more."""
+
+    def __init__(self, model: nn.Module, channels_last: bool = False, verbose: bool = True):
+        super().__init__()
+        self.model = model.to(memory_format=torch.channels_last) if channels_last else model  # in place
+        self.channels_last, self.verbose = channels_last, verbose
+        self.fallback: str | None = None
+        self.compile_seconds: list[float] = []  # one entry per compiled input shape
+        self._build()
+
+    def _versions(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self.model.parameters())
+
+    def _build(self) -> None:
+        self._compiled = torch.compile(self.model, dynamic=False)
+        self._weights_at_compile = self._versions()
+        self._seen: set[tuple] = set()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        if self.fallback is not None or torch.is_grad_enabled():
+            return self.model(x, t, cond)
+        if self._versions() != self._weights_at_compile:
+            if self.verbose:
+                print("compiled denoiser: the weights changed since they were frozen in; compiling again", flush=True)
+            torch._dynamo.reset()
+            self._build()
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        key = (tuple(x.shape), x.device.type, torch.is_autocast_enabled(x.device.type))
+        start = time.perf_counter()
+        try:
+            with torch._inductor.config.patch(freezing=True):
+                out = self._compiled(x, t, cond)
+        except Exception as e:  # noqa: BLE001 - decided below: a compile failure, or the model's own error
+            out = self.model(x, t, cond)  # raises if the input itself is wrong, as it would uncompiled
+            self.fallback = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+            warnings.warn(f"torch.compile failed, sampling runs uncompiled from now on ({self.fallback})",
+                          stacklevel=2)
+            return out
+        if key not in self._seen:
+            self._seen.add(key)
+            self.compile_seconds.append(time.perf_counter() - start)
+            if self.verbose:
+                print(f"compiled denoiser: input {key[0]} compiled and run in {self.compile_seconds[-1]:.1f} s",
+                      flush=True)
+        return out

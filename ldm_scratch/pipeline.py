@@ -37,7 +37,7 @@ from ldm_scratch import __version__, editing
 from ldm_scratch.autoencoder import AutoencoderKL
 from ldm_scratch.checkpoint import CheckpointError, atomic_json_save, load_model_folder, read_json, save_model_folder
 from ldm_scratch.config import TextEncoderConfig, UNetConfig, config_from_dict, config_to_dict
-from ldm_scratch.device import autocast, resolve_precision
+from ldm_scratch.device import CompiledForSampling, autocast, resolve_precision
 from ldm_scratch.diffusion import GaussianDiffusion
 from ldm_scratch.objectives import DDPMObjective, Objective, objective_from_dict
 from ldm_scratch.text import TextEncoder, Tokenizer
@@ -153,6 +153,7 @@ class LatentDiffusionPipeline:
             self.conditioning = "class" if cfg.num_classes else "none"
         self.autoencoder, self.denoiser, self.objective = autoencoder, denoiser, objective
         self.tokenizer, self.text_encoder = tokenizer, text_encoder
+        self.compiled: CompiledForSampling | None = None  # set by compile()
 
     @property
     def diffusion(self) -> GaussianDiffusion:
@@ -168,7 +169,30 @@ class LatentDiffusionPipeline:
     def to(self, device: torch.device | str) -> LatentDiffusionPipeline:
         for m in self.modules():
             m.to(device)
+        if self.compiled is not None:  # frozen weights live on the old device: compile afresh
+            self.compile(channels_last=self.compiled.channels_last, verbose=self.compiled.verbose)
         return self
+
+    def compile(self, enabled: bool = True, channels_last: bool | None = None,
+                verbose: bool = True) -> LatentDiffusionPipeline:
+        """Sample (and edit) through the denoiser compiled with torch.compile and its weights frozen in
+        (device.CompiledForSampling): 2.0-2.4x faster sampling on the Intel box (README "Speed"), after 12-22 s
+        of compiling at the first call of each batch shape, so it pays off from a few hundred images on. Off by
+        default; compile(False) undoes it. channels_last (default: for the U-Net, whose convolutions gain from it)
+        stores the denoiser's weights NHWC, in place, values unchanged. Training and save_pretrained always use
+        the plain `denoiser`."""
+        if not enabled:
+            self.compiled = None
+            self.denoiser.to(memory_format=torch.contiguous_format)
+            return self
+        channels_last = self.kind == "unet" if channels_last is None else channels_last
+        self.compiled = CompiledForSampling(self.denoiser, channels_last, verbose)
+        return self
+
+    @property
+    def sampling_denoiser(self) -> nn.Module:
+        """What the samplers call: the compiled wrapper after compile(), else the denoiser itself."""
+        return self.denoiser if self.compiled is None else self.compiled
 
     @property
     def device(self) -> torch.device:
@@ -209,7 +233,7 @@ class LatentDiffusionPipeline:
             B = min(batch_size, n - lo)
             c = _take(cond, lo, lo + B)
             with autocast(device, precision):
-                z0 = self.objective.sample(self.denoiser, (B, *shape), c, null, guidance_scale=w,
+                z0 = self.objective.sample(self.sampling_denoiser, (B, *shape), c, null, guidance_scale=w,
                                            num_steps=num_inference_steps, sampler=sampler, generator=generator,
                                            progress=progress, device=device, **options)
                 if output_type == "latent":  # diffusers: the scaled z0 as the denoiser made it, never decoded
@@ -349,8 +373,8 @@ class LatentDiffusionPipeline:
         z0 = self.encode(image, precision)
         cond, null, w = self._edit_condition(prompt, class_labels, z0.shape[0], guidance_scale, precision)
         with autocast(self.device, precision):
-            return editing.invert_latent(self.objective, self.denoiser, z0, num_inference_steps, cond, null, w,
-                                         sampler, shift, progress)
+            return editing.invert_latent(self.objective, self.sampling_denoiser, z0, num_inference_steps, cond, null,
+                                         w, sampler, shift, progress)
 
     @torch.no_grad()
     def _edit(self, image, mask, strength, prompt, class_labels, num_inference_steps, guidance_scale, generator,
@@ -369,9 +393,9 @@ class LatentDiffusionPipeline:
             raise ValueError(f"noise has shape {tuple(noise.shape)}; these images' latents are {tuple(z0.shape)}")
         cond, null, w = self._edit_condition(prompt, class_labels, z0.shape[0], guidance_scale, precision)
         with autocast(self.device, precision):
-            z = editing.edit_latent(self.objective, self.denoiser, z0, strength, num_inference_steps, cond, null, w,
-                                    sampler, generator, None if noise is None else noise.to(self.device), m, eta,
-                                    shift, progress)
+            z = editing.edit_latent(self.objective, self.sampling_denoiser, z0, strength, num_inference_steps, cond,
+                                    null, w, sampler, generator, None if noise is None else noise.to(self.device), m,
+                                    eta, shift, progress)
         if output_type == "latent":
             return PipelineOutput(z)
         if mask is None or not paste:

@@ -1,7 +1,9 @@
 """1,000 class-conditional images through a saved pipeline, guidance 3, decode included (the README's throughput):
     python scripts/sample_throughput.py runs/latent_unet/pipeline                  # 50 steps of its default sampler
     python scripts/sample_throughput.py runs/flow/pipeline --steps 4 --sampler euler --threads 2
-One warm-up call (20 images, 5 steps) first; the timed call draws all 1,000 in batches of --batch-size."""
+    python scripts/sample_throughput.py runs/latent_unet/pipeline --compile       # pipe.compile(): torch.compile
+One warm-up call first (20 images, 5 steps; with --compile a full batch, so that the compiling happens there and
+its time is printed on its own); the timed call draws all 1,000 in batches of --batch-size."""
 import argparse
 import time
 
@@ -20,20 +22,29 @@ def main() -> None:
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--guidance-scale", type=float, default=3.0)
+    p.add_argument("--compile", action="store_true", help="sample through pipe.compile() (device.CompiledForSampling)")
     a = p.parse_args()
     torch.set_num_threads(a.legacy_threads or a.threads)
     pipe = LatentDiffusionPipeline.from_pretrained(a.pipeline)
     sampler = a.sampler or pipe.objective.sampler_names[0]
     labels = torch.arange(10).repeat_interleave((a.images + 9) // 10)[:a.images]
-    pipe(class_labels=labels[:20].tolist(), num_inference_steps=5, guidance_scale=a.guidance_scale, sampler=sampler,
-         output_type="tensor")  # warm-up
+    warm = labels[:min(a.batch_size, a.images)] if a.compile else labels[:20]  # compile the timed call's shape
+    start = time.perf_counter()
+    if a.compile:
+        pipe.compile()
+    pipe(class_labels=warm.tolist(), num_inference_steps=5, guidance_scale=a.guidance_scale, sampler=sampler,
+         output_type="tensor", batch_size=a.batch_size)  # warm-up
+    if a.compile:
+        print(f"warm-up with compiling: {time.perf_counter() - start:.1f} s (compiled shapes, s: "
+              f"{[round(s, 1) for s in pipe.compiled.compile_seconds]}; fallback: {pipe.compiled.fallback})")
     t = time.perf_counter()
     out = pipe(class_labels=labels.tolist(), num_inference_steps=a.steps, guidance_scale=a.guidance_scale,
                sampler=sampler, output_type="tensor", generator=torch.Generator().manual_seed(0),
                batch_size=a.batch_size)
     dt = time.perf_counter() - t
     print(f"{a.pipeline}: {a.images} images x {a.steps} {sampler} steps ({pipe.objective.name}, guidance "
-          f"{a.guidance_scale:g}, decode included): {dt:.1f} s on {torch.get_num_threads()} threads; "
+          f"{a.guidance_scale:g}, decode included{', compiled' if a.compile else ''}): {dt:.1f} s on "
+          f"{torch.get_num_threads()} threads; "
           f"images {tuple(out.images.shape)}")
 
 

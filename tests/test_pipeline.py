@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -359,3 +360,56 @@ def test_a_scheduler_saved_before_objectives_loads_as_ddpm(tmp_path):
     assert isinstance(old.objective, DDPMObjective) and old.diffusion.cfg == pipe.diffusion.cfg
     assert torch.equal(old(class_labels=[4], generator=gen(2), **FAST).images,
                        pipe(class_labels=[4], generator=gen(2), **FAST).images)
+
+
+# ----------------------------------------------------------------------------- compile() (device.CompiledForSampling)
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="inductor needs a C++ compiler on the CPU (the fallback is tested below)")
+@pytest.mark.parametrize("kind", ["dit", "unet"])  # the U-Net compiles in channels_last, its default
+def test_compiled_sampling_matches_uncompiled_and_follows_a_weight_change(capsys, kind):
+    """A real inductor compile of a tiny denoiser (fp32, frozen weights): the same images as the plain model up
+    to summation order; after an in-place weight change the frozen graph must not be reused."""
+    pipe = make("class", kind)
+    ref = pipe(class_labels=[3, 7], generator=gen(), **FAST).images
+    pipe.compile()
+    out = pipe(class_labels=[3, 7], generator=gen(), **FAST).images
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert pipe.compiled.fallback is None, pipe.compiled.fallback   # it really compiled (a C++ compiler is there)
+    assert len(pipe.compiled.compile_seconds) == 1                  # one shape: the guided batch [cond; null]
+    scramble(pipe.denoiser)                                         # in place, as a further optimizer step would
+    out2 = pipe(class_labels=[3, 7], generator=gen(), **FAST).images
+    assert "weights changed" in capsys.readouterr().out
+    ref2 = pipe.compile(False)(class_labels=[3, 7], generator=gen(), **FAST).images
+    assert (ref2 - ref).abs().max() > 1e-3                          # the change shows in the images...
+    torch.testing.assert_close(out2, ref2, rtol=1e-4, atol=1e-4)    # ...and the compiled pipeline follows it
+
+
+def test_compile_falls_back_to_the_plain_model_with_a_warning(monkeypatch):
+    """No C++ compiler (or an op inductor cannot take): the first call warns and sampling runs uncompiled,
+    with identical images; an input error the plain model raises is still raised."""
+    def broken_compile(model, **kwargs):
+        def run(*args, **kw):
+            raise RuntimeError("InductorError: no C++ compiler found")
+        return run
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    pipe = make("class")
+    ref = pipe(class_labels=[3, 7], generator=gen(), **FAST).images
+    pipe.compile()
+    with pytest.warns(UserWarning, match="torch.compile failed.*no C\\+\\+ compiler"):
+        out = pipe(class_labels=[3, 7], generator=gen(), **FAST).images
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)  # the plain model (in channels_last: summation order)
+    assert "no C++ compiler" in pipe.compiled.fallback
+    with pytest.raises(Exception):  # the model's own error for a wrong channel count, not swallowed
+        pipe.compiled(torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.long), torch.tensor([1, 2]))
+
+
+def test_compiled_wrapper_runs_the_plain_model_when_gradients_are_on(monkeypatch):
+    """Freezing is for inference: with autograd on (training), the wrapper never calls the compiled graph."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: lambda *a, **k: calls.append(1))
+    pipe = make("class").compile()
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([5, 9])
+    out = pipe.compiled(x, t, torch.tensor([1, 2]))
+    assert calls == [] and out.requires_grad
+    torch.testing.assert_close(out, pipe.denoiser(x, t, torch.tensor([1, 2])))
