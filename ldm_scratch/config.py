@@ -183,6 +183,7 @@ class TrainConfig:
     max_minutes: float = 0.0             # >0: stop (and checkpoint) after this wall time
     num_workers: int = 0
     detect_anomaly: bool = False         # autograd anomaly mode: a NaN gradient names the op that made it (slow)
+    compile: bool = False                # denoisers: torch.compile the training forward (device.CompiledForTraining)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -108,26 +108,17 @@ def set_safe_num_threads(verbose: bool = True) -> int | None:
     return n
 
 
-# ------------------------------------------------------------------ torch.compile for sampling
-class CompiledForSampling(nn.Module):
-    """A denoiser compiled for sampling: `torch.compile` (inductor, static shapes) with the weights frozen in.
-
-    Sampling calls the same network 2 x 50 times per batch with the same weights, the case compiling pays
-    for. Freezing (`torch._inductor.config.freezing`) treats the weights as constants, so inductor folds them
-    into the graph and lets oneDNN pre-pack them once instead of at every call. Measured on 2 idle threads
-    (README "Speed": 1,000 guided images, 50 DDIM steps): the latent DiT 20.8 -> 8.8 s, the latent U-Net
-    45 -> 27 s, and 22 s with `channels_last` (the convolutions' weights and activations stored NHWC, which
-    oneDNN prefers; values unchanged), after 12-22 s of compiling at the first call of each batch shape
-    (shown in `compile_seconds`). Plain compile without freezing gave 12.1 and 33.4 s.
-
-    Three things a reader would trip on, handled here:
-      - frozen weights go stale: if any parameter changed in place since compiling (an optimizer step,
-        load_state_dict; torch counts them in `Tensor._version`), the next call compiles again;
-      - with gradients on (training) it runs the plain model: freezing is for inference only;
+# ------------------------------------------------------------------ torch.compile, sampling and training
+class CompiledDenoiser(nn.Module):
+    """A denoiser behind `torch.compile` (inductor, static shapes), with what a reader would trip on handled:
       - no C++ compiler (inductor writes C++ for the CPU) or an op inductor cannot handle: the first call
         warns once and runs the plain model from then on (`fallback` says why). An error the plain model
-        raises too (a wrong shape) is raised as usual.
-    Each new input shape (the guided batch 2B, the last partial batch, w = 1) compiles once more."""
+        raises too (a wrong shape) is raised as usual;
+      - each new input shape (the guided batch 2B, the last partial batch, w = 1) compiles once more, and the
+        seconds each took (compiling and the first run) are kept in `compile_seconds`.
+    The plain model stays `model`: save, average (EMA) and load it as before. Subclasses say when to compile."""
+
+    what = "the denoiser"
 
     def __init__(self, model: nn.Module, channels_last: bool = False, verbose: bool = True):
         super().__init__()
@@ -137,13 +128,69 @@ class CompiledForSampling(nn.Module):
         self.compile_seconds: list[float] = []  # one entry per compiled input shape
         self._build()
 
+    def _build(self) -> None:
+        self._compiled = torch.compile(self.model, dynamic=False)
+        self._seen: set[tuple] = set()
+
+    def _compiled_call(self, x: torch.Tensor, t: torch.Tensor, cond, freeze: bool) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        key = (tuple(x.shape), x.device.type, torch.is_autocast_enabled(x.device.type), torch.is_grad_enabled())
+        start = time.perf_counter()
+        try:
+            with torch._inductor.config.patch(freezing=freeze):
+                out = self._compiled(x, t, cond)
+        except Exception as e:  # noqa: BLE001 - decided below: a compile failure, or the model's own error
+            out = self.model(x, t, cond)  # raises if the input itself is wrong, as it would uncompiled
+            self.fallback = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+            warnings.warn(f"torch.compile failed, {self.what} runs uncompiled from now on ({self.fallback})",
+                          stacklevel=3)
+            return out
+        if key not in self._seen:
+            self._seen.add(key)
+            self.compile_seconds.append(time.perf_counter() - start)
+            if self.verbose:
+                print(f"compiled {self.what}: input {key[0]} compiled and run in {self.compile_seconds[-1]:.1f} s",
+                      flush=True)
+        return out
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        if self.fallback is not None:
+            return self.model(x, t, cond)
+        return self._compiled_call(x, t, cond, freeze=False)
+
+
+class CompiledForTraining(CompiledDenoiser):
+    """The training forward (and, through autograd, its backward) compiled; the weights are read at every call,
+    so the optimizer's updates are seen. `train-diffusion --compile`. Measured by `bench --only levers
+    --compile` (README "Speed"): bf16 + compile 1.38x (latent U-Net) to 1.51x (DiT) over fp32 on the Intel box
+    against 1.19x / 1.10x for bf16 alone, after 31-100 s of compiling: worth it for runs of thousands of steps."""
+
+    what = "training forward"
+
+
+class CompiledForSampling(CompiledDenoiser):
+    """A denoiser compiled for sampling, with the weights frozen in (`pipe.compile()`).
+
+    Sampling calls the same network 2 x 50 times per batch with the same weights, the case compiling pays
+    for. Freezing (`torch._inductor.config.freezing`) treats the weights as constants, so inductor folds them
+    into the graph and lets oneDNN pre-pack them once instead of at every call. Measured on 2 idle threads
+    (README "Speed": 1,000 guided images, 50 DDIM steps): the latent DiT 20.5 -> 8.0 s, the latent U-Net
+    45 -> 27 s, and 21 s with `channels_last` (the convolutions' weights and activations stored NHWC, which
+    oneDNN prefers; values unchanged), after 14-24 s of compiling at the first call of each batch shape.
+    Plain compile without freezing gave 12.1 and 33.4 s. Besides CompiledDenoiser's cases:
+      - frozen weights go stale: if any parameter changed in place since compiling (an optimizer step,
+        load_state_dict; torch counts them in `Tensor._version`), the next call compiles again;
+      - with gradients on (training) it runs the plain model: freezing is for inference only."""
+
+    what = "sampling denoiser"
+
     def _versions(self) -> tuple[int, ...]:
         return tuple(p._version for p in self.model.parameters())
 
     def _build(self) -> None:
-        self._compiled = torch.compile(self.model, dynamic=False)
+        super()._build()
         self._weights_at_compile = self._versions()
-        self._seen: set[tuple] = set()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
         if self.fallback is not None or torch.is_grad_enabled():
@@ -153,23 +200,4 @@ class CompiledForSampling(nn.Module):
                 print("compiled denoiser: the weights changed since they were frozen in; compiling again", flush=True)
             torch._dynamo.reset()
             self._build()
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        key = (tuple(x.shape), x.device.type, torch.is_autocast_enabled(x.device.type))
-        start = time.perf_counter()
-        try:
-            with torch._inductor.config.patch(freezing=True):
-                out = self._compiled(x, t, cond)
-        except Exception as e:  # noqa: BLE001 - decided below: a compile failure, or the model's own error
-            out = self.model(x, t, cond)  # raises if the input itself is wrong, as it would uncompiled
-            self.fallback = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
-            warnings.warn(f"torch.compile failed, sampling runs uncompiled from now on ({self.fallback})",
-                          stacklevel=2)
-            return out
-        if key not in self._seen:
-            self._seen.add(key)
-            self.compile_seconds.append(time.perf_counter() - start)
-            if self.verbose:
-                print(f"compiled denoiser: input {key[0]} compiled and run in {self.compile_seconds[-1]:.1f} s",
-                      flush=True)
-        return out
+        return self._compiled_call(x, t, cond, freeze=True)

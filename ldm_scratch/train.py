@@ -44,7 +44,7 @@ from tqdm import tqdm  # text bars: a saved notebook keeps their last state (a w
 from ldm_scratch.checkpoint import (CheckpointError, atomic_torch_save, atomic_write_bytes, check_state_dict,
                                     remove_stale_temp_files, rng_state, safe_torch_load, set_rng_state)
 from ldm_scratch.config import TrainConfig, config_to_dict
-from ldm_scratch.device import autocast, default_device, resolve_precision
+from ldm_scratch.device import CompiledForTraining, autocast, default_device, resolve_precision
 from ldm_scratch.ema import EMA
 from ldm_scratch.figures import plot_history, save_image_grid  # noqa: F401 (re-exported: stages import it from here)
 
@@ -161,6 +161,11 @@ class Trainer:
                 raise ValueError(f"{type(task).__name__} has no distribute(wrap) method, so it cannot run under DDP")
             ids = [self.device.index] if self.device.type == "cuda" else None
             task.distribute(lambda m: nn.parallel.DistributedDataParallel(m, device_ids=ids))
+        if cfg.compile:  # after DDP's wrapper, as torch recommends: compile(DDP(model))
+            if not hasattr(task, "denoiser_forward"):
+                raise ValueError(f"compile: {type(task).__name__} has no denoiser forward to compile; --compile is for "
+                                 "train-diffusion's denoisers")
+            task.denoiser_forward = CompiledForTraining(task.denoiser_forward, verbose=self.rank == 0)
         self.optimizers = task.optimizers(cfg)
         ema_module = task.ema_module()
         self.ema = (EMA(ema_module, cfg.ema_decay, warmup=cfg.ema_warmup)

@@ -369,7 +369,8 @@ def test_a_scheduler_saved_before_objectives_loads_as_ddpm(tmp_path):
 @pytest.mark.parametrize("kind", ["dit", "unet"])  # the U-Net compiles in channels_last, its default
 def test_compiled_sampling_matches_uncompiled_and_follows_a_weight_change(capsys, kind):
     """A real inductor compile of a tiny denoiser (fp32, frozen weights): the same images as the plain model up
-    to summation order; after an in-place weight change the frozen graph must not be reused."""
+    to summation order. DiT only (the rule is the wrapper's, not the model's; each compile costs ~15 s): after an
+    in-place weight change the frozen graph must not be reused."""
     pipe = make("class", kind)
     ref = pipe(class_labels=[3, 7], generator=gen(), **FAST).images
     pipe.compile()
@@ -377,6 +378,8 @@ def test_compiled_sampling_matches_uncompiled_and_follows_a_weight_change(capsys
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     assert pipe.compiled.fallback is None, pipe.compiled.fallback   # it really compiled (a C++ compiler is there)
     assert len(pipe.compiled.compile_seconds) == 1                  # one shape: the guided batch [cond; null]
+    if kind != "dit":
+        return
     scramble(pipe.denoiser)                                         # in place, as a further optimizer step would
     out2 = pipe(class_labels=[3, 7], generator=gen(), **FAST).images
     assert "weights changed" in capsys.readouterr().out
