@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    # the test process waits while the command runs, so the command may use up to two of the cores
+    env = dict(os.environ, OMP_NUM_THREADS=str(min(2, os.cpu_count() or 1)), MPLBACKEND="Agg")
     return subprocess.run([sys.executable, "-m", "ldm_scratch", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
 
