@@ -2,6 +2,7 @@
     python scripts/sample_throughput.py runs/latent_unet/pipeline                  # 50 steps of its default sampler
     python scripts/sample_throughput.py runs/flow/pipeline --steps 4 --sampler euler --threads 2
     python scripts/sample_throughput.py runs/latent_unet/pipeline --compile       # pipe.compile(): torch.compile
+    python scripts/sample_throughput.py runs/latent_unet/pipeline --fused-attention   # the README's open lead
 One warm-up call first (20 images, 5 steps; with --compile a full batch, so that the compiling happens there and
 its time is printed on its own); the timed call draws all 1,000 in batches of --batch-size."""
 import argparse
@@ -9,6 +10,7 @@ import time
 
 import torch
 
+from ldm_scratch import layers
 from ldm_scratch.pipeline import LatentDiffusionPipeline
 
 
@@ -23,8 +25,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--guidance-scale", type=float, default=3.0)
     p.add_argument("--compile", action="store_true", help="sample through pipe.compile() (device.CompiledForSampling)")
+    p.add_argument("--fused-attention", action="store_true",
+                   help="PyTorch's fused attention kernel under CPU bf16 too (layers.CPU_BF16_PLAIN_ATTENTION = False)")
     a = p.parse_args()
     torch.set_num_threads(a.legacy_threads or a.threads)
+    if a.fused_attention:
+        layers.CPU_BF16_PLAIN_ATTENTION = False
     pipe = LatentDiffusionPipeline.from_pretrained(a.pipeline)
     sampler = a.sampler or pipe.objective.sampler_names[0]
     labels = torch.arange(10).repeat_interleave((a.images + 9) // 10)[:a.images]
@@ -43,7 +49,8 @@ def main() -> None:
                batch_size=a.batch_size)
     dt = time.perf_counter() - t
     print(f"{a.pipeline}: {a.images} images x {a.steps} {sampler} steps ({pipe.objective.name}, guidance "
-          f"{a.guidance_scale:g}, decode included{', compiled' if a.compile else ''}): {dt:.1f} s on "
+          f"{a.guidance_scale:g}, decode included{', compiled' if a.compile else ''}"
+          f"{', fused attention' if a.fused_attention else ''}): {dt:.1f} s on "
           f"{torch.get_num_threads()} threads; "
           f"images {tuple(out.images.shape)}")
 
