@@ -2,6 +2,8 @@
 
 CPU bf16 autocast is a real lever on processors with AVX512-BF16 / AMX (measured in benchmarks/):
 matmuls and convs run in bfloat16 while reductions (norms, softmax, losses) stay in float32.
+Also here: how many threads to use on a shared machine, and the torch.compile wrappers of a denoiser for
+training (`train-diffusion --compile`) and for sampling (`pipe.compile()`), both opt-in.
 """
 from __future__ import annotations
 

@@ -176,8 +176,8 @@ class LatentDiffusionPipeline:
     def compile(self, enabled: bool = True, channels_last: bool | None = None,
                 verbose: bool = True) -> LatentDiffusionPipeline:
         """Sample (and edit) through the denoiser compiled with torch.compile and its weights frozen in
-        (device.CompiledForSampling): 2.0-2.4x faster sampling on the Intel box (README "Speed"), after 12-22 s
-        of compiling at the first call of each batch shape, so it pays off from a few hundred images on. Off by
+        (device.CompiledForSampling): 2.1-2.6x faster sampling on the Intel box (README "Speed"), after 14-24 s
+        of compiling at the first call of each batch shape, so it pays off from about a thousand images on. Off by
         default; compile(False) undoes it. channels_last (default: for the U-Net, whose convolutions gain from it)
         stores the denoiser's weights NHWC, in place, values unchanged. Training and save_pretrained always use
         the plain `denoiser`."""
