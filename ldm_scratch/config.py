@@ -175,6 +175,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     ema_warmup: bool = True              # decay_n = min(ema_decay, (1 + n) / (10 + n)): see ema.py
     lr_warmup_steps: int = 0             # >0: the learning rate rises linearly to lr over this many steps
+    lr_decay_steps: int = 0              # >0: over the last this-many of `steps` it falls linearly to 0 (warm-up, stable, decay)
     precision: str = "auto"              # "auto" (bf16 autocast where supported), "bf16", "fp32"
     seed: int = 0
     log_every: int = 50

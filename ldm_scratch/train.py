@@ -232,11 +232,19 @@ class Trainer:
         return logs
 
     def _set_lr(self) -> None:
-        """Linear learning-rate warm-up: step n (0-based) uses lr * min(1, (n + 1) / lr_warmup_steps).
-        A function of the step alone, so a resumed run uses exactly the rates an uninterrupted one would."""
-        if self.cfg.lr_warmup_steps <= 0:
+        """The learning-rate schedule, a function of the step alone (a resumed run uses exactly the rates an
+        uninterrupted one would): warm-up, stable, decay. Step n (0-based) of cfg.steps uses
+            lr * min(1, (n + 1) / lr_warmup_steps) * min(1, (steps - n) / lr_decay_steps),
+        each factor only when its step count is > 0: a linear rise, the peak for as long as the run lasts, then a
+        linear fall to lr / lr_decay_steps at the last step. The decay is the "cool-down" of warm-up-stable-decay
+        schedules (Hu et al. 2024, MiniCPM): a run trained at a constant rate and then decayed ends lower than the
+        same steps at a constant rate, and the stable part can be resumed and extended before deciding where to end."""
+        warm, decay = self.cfg.lr_warmup_steps, self.cfg.lr_decay_steps
+        if warm <= 0 and decay <= 0:
             return
-        scale = min(1.0, (self.step + 1) / self.cfg.lr_warmup_steps)
+        scale = min(1.0, (self.step + 1) / warm) if warm > 0 else 1.0
+        if decay > 0:
+            scale *= max(0.0, min(1.0, (self.cfg.steps - self.step) / decay))
         for k, opt in self.optimizers.items():
             for g, base in zip(opt.param_groups, self.base_lrs[k]):
                 g["lr"] = base * scale

@@ -271,6 +271,25 @@ def test_lr_warmup_is_linear_then_flat(tmp_path):
     assert t.optimizers["model"].param_groups[0]["lr"] == pytest.approx(0.05)
 
 
+def test_lr_decay_falls_linearly_over_the_last_steps(tmp_path):
+    """Warm-up, stable, decay: with steps=10, warm-up 2 and decay 4, step n uses
+    lr * min(1, (n + 1) / 2) * min(1, (10 - n) / 4)."""
+    t = Trainer(RegressionTask(), cfg(steps=10, lr_warmup_steps=2, lr_decay_steps=4), regression_data(),
+                tmp_path / "a")
+    seen = []
+    opt_step = t.optimizers["model"].step
+
+    def record(*a, **k):
+        seen.append(t.optimizers["model"].param_groups[0]["lr"])
+        return opt_step(*a, **k)
+    t.optimizers["model"].step = record
+    t.fit()
+    expected = [0.05 * min(1, (n + 1) / 2) * min(1, (10 - n) / 4) for n in range(10)]
+    assert seen == pytest.approx(expected)
+    assert expected[0] == pytest.approx(0.025) and expected[5] == pytest.approx(0.05)
+    assert expected[-1] == pytest.approx(0.05 / 4)
+
+
 def test_ema_multi_tensor_update_equals_the_per_tensor_formula():
     """EMA.update runs one torch._foreach_lerp_ over every float tensor: bit for bit the per-tensor
     ema.lerp_(theta, 1 - d_n), and integer buffers are copied, not averaged."""
