@@ -117,13 +117,19 @@ def heldout_captions(k: int) -> tuple[list[str], Tensor]:
 
 
 def adherence_at(pipe: Any, captions: list[str], w: float, stats: Any, steps: int, seed: int,
-                 precision: str, sampler: str | None = None, eta: float = 0.0) -> dict:
+                 precision: str, sampler: str | None = None, eta: float = 0.0, second_stats: Any = None) -> dict:
     """Prompt adherence (adherence.py) of one sample per caption at guidance w (sampler None: the pipeline's
-    default, its objective's first)."""
+    default, its objective's first). With `second_stats` the same samples are also scored with those
+    statistics (a second eye, e.g. the real images' when `stats` were refitted on reconstructions): its
+    rates go under "second"."""
     from ldm_scratch.adherence import prompt_adherence
     x = pipe(prompt=captions, num_inference_steps=steps, guidance_scale=w, output_type="tensor", sampler=sampler,
-             eta=eta, generator=torch.Generator(pipe.device).manual_seed(seed), precision=precision).images
-    return prompt_adherence(x.cpu(), captions, stats=stats)
+             eta=eta, generator=torch.Generator(pipe.device).manual_seed(seed), precision=precision).images.cpu()
+    scores = prompt_adherence(x, captions, stats=stats)
+    if second_stats is not None:
+        second = prompt_adherence(x, captions, stats=second_stats)
+        scores["second"] = {k: second[k] for k in ("digit_acc", "color_acc", "background_acc", "all_acc")}
+    return scores
 
 
 def evaluate_pipeline(pipe: Any, k: int, steps: int, w: float, seed: int = 0, precision: str = "auto") -> dict:

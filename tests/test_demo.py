@@ -1,5 +1,6 @@
-"""The README's main job in quick mode: `python -m ldm_scratch demo --quick` trains both stages on the
-captioned coloured digits and writes the pipeline, the prompt grid, the guidance sweep and a report;
+"""The README's main job in quick mode: `python -m ldm_scratch demo --quick` loads the shipped colored-f4
+autoencoder (or, with `--stage1 train`, trains one), trains the text-to-image denoiser on the captioned
+coloured digits and writes the pipeline, the prompt grid, the guidance sweep and a report;
 `demo-autoencoders` (the stage-1 photo showcase) still writes its models and PSNR/SSIM beside the floor."""
 import json
 import os
@@ -18,11 +19,33 @@ def run(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=900)
 
 
+def test_demo_quick_default_uses_the_shipped_autoencoder(tmp_path):
+    out = tmp_path / "demo"
+    r = run("demo", "--quick", "--steps-scale", "0.1", "--minutes-scale", "1000", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["autoencoder"]["preset"] == "colored-f4 (shipped)"
+    assert not (out / "autoencoder").exists()  # nothing trained for stage 1
+    from ldm_scratch.pretrained import load_autoencoder
+    assert report["autoencoder"]["scale_factor"] == load_autoencoder("colored-f4").scale_factor
+    # the shipped codec beats the non-learned floor on the held-out digits, as its README says
+    assert report["autoencoder"]["heldout_psnr"] > report["autoencoder"]["floor_psnr"]
+    assert (out / "denoiser/pipeline/model_index.json").is_file() and (out / "prompts.png").is_file()
+    text = (out / "report.md").read_text()
+    assert "colored-f4 (shipped)" in text and "real-image statistics" in text
+    # every score also read with the real images' statistics (the second eye), each a rate in [0, 1]
+    assert report["adherence_stats"] in ("real images", "reconstructions")
+    for row in report["sweep"] + report["samplers"] + [report["reconstructions"]]:
+        assert set(row["second"]) == {"digit_acc", "color_acc", "background_acc", "all_acc"}
+        assert all(0.0 <= v <= 1.0 for v in row["second"].values())
+
+
 def test_demo_quick_trains_both_stages_and_reports(tmp_path):
     out = tmp_path / "demo"
     # --minutes-scale: quick mode's per-phase time caps never bind, so the steps (and the results) do not depend
     # on how busy the machine is; the resume below must reproduce them
-    r = run("demo", "--quick", "--steps-scale", "0.1", "--minutes-scale", "1000", "--out", str(out))
+    r = run("demo", "--quick", "--stage1", "train", "--steps-scale", "0.1", "--minutes-scale", "1000",
+            "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     for f in ("report.json", "report.md", "prompts.png", "guidance_sweep.png", "autoencoder_heldout.png",
               "autoencoder/model/config.json", "denoiser/latents.pt", "denoiser/pipeline/model_index.json",
@@ -42,7 +65,8 @@ def test_demo_quick_trains_both_stages_and_reports(tmp_path):
     # --resume after an interruption between the phases: stage 1 reloads its finished checkpoint, stage 2 (no
     # checkpoint yet) trains from scratch, and the results come out the same
     shutil.rmtree(out / "denoiser")
-    r = run("demo", "--quick", "--steps-scale", "0.1", "--minutes-scale", "1000", "--out", str(out), "--resume")
+    r = run("demo", "--quick", "--stage1", "train", "--steps-scale", "0.1", "--minutes-scale", "1000",
+            "--out", str(out), "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     again = json.loads((out / "report.json").read_text())
     assert again["denoiser"]["steps"] == report["denoiser"]["steps"]
