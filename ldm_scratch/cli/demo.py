@@ -32,7 +32,8 @@ from ldm_scratch.cli.stage1 import machine_info, train_autoencoder, train_autoen
 PROMPTS = ("a red 7 on grass", "a blue 1 on plain", "a green 3 on brick", "a yellow 0 on gravel",
            "a magenta 4 on plain", "a white 8 on grass", "a cyan 2 on gravel", "an orange 9 on brick")
 GUIDANCE = (1.0, 2.0, 3.0, 5.0)   # the sweep: 1 = no guidance; LDM's text-to-image samples use 1.5-10
-# Full mode, for about 11 minutes on 2 idle cores. Step times measured on ONE core shared with other jobs:
+# Full mode, for about 11 minutes on 2 idle cores with bf16 (10.2 measured on the Intel box; on an AVX2-only CPU,
+# fp32, the 13-minute cap ends stage 2 early: 16.4 in all, README). Step times measured on ONE core shared with other jobs:
 # small-f4 on coloured digits 0.9 s per step of 32 (1.6 s once the discriminator joins), bf16;
 # the text-latent U-Net 0.6 s per step of 64 in fp32 (bf16 autocast is 1.3x faster since layers.attention's
 # fp32-softmax matmuls, commit 0cdadc1, so "auto" = bf16 here). An idle machine
