@@ -4,7 +4,7 @@ Digits (class-conditional models, pixel or latent): conditional accuracy and cla
 MNIST classifier (metrics.py), beside the real-vs-real FID at the same n (`score_digits`; `eval_labels` gives n per
 class; `evaluate` samples a pixel U-Net first, `evaluate_pipeline` a latent pipeline). Captioned coloured digits
 (text models): prompt adherence (adherence.py) of samples, beside the same held-out captions' real images through
-the autoencoder (`reconstruction`, `adherence_stats`, `heldout_captions`, `adherence_at`).
+the autoencoder (`reconstruction`, `adherence_stats`, `heldout_captions`, `adherence_at`, `score_adherence`).
 
 Before this module the digit helpers lived in stage2.py and the pipeline ones in cli/stage3.py; both still
 re-export them, so `from ldm_scratch.stage2 import eval_labels` keeps working.
@@ -122,9 +122,15 @@ def adherence_at(pipe: Any, captions: list[str], w: float, stats: Any, steps: in
     default, its objective's first). With `second_stats` the same samples are also scored with those
     statistics (a second eye, e.g. the real images' when `stats` were refitted on reconstructions): its
     rates go under "second"."""
-    from ldm_scratch.adherence import prompt_adherence
     x = pipe(prompt=captions, num_inference_steps=steps, guidance_scale=w, output_type="tensor", sampler=sampler,
              eta=eta, generator=torch.Generator(pipe.device).manual_seed(seed), precision=precision).images.cpu()
+    return score_adherence(x, captions, stats, second_stats)
+
+
+def score_adherence(x: Tensor, captions: list[str], stats: Any, second_stats: Any = None) -> dict:
+    """adherence.prompt_adherence of images x (N, 3, 32, 32) against their captions; with `second_stats`, the
+    same images scored again with those statistics, their four rates under "second"."""
+    from ldm_scratch.adherence import prompt_adherence
     scores = prompt_adherence(x, captions, stats=stats)
     if second_stats is not None:
         second = prompt_adherence(x, captions, stats=second_stats)

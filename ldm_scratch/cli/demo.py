@@ -141,8 +141,8 @@ def demo(args: argparse.Namespace) -> dict:
     phase("stage 2: latents + denoiser")
 
     # 3. results ---------------------------------------------------------------------------------------
-    from ldm_scratch.adherence import fit_adherence, prompt_adherence
-    from ldm_scratch.evaluation import adherence_at, adherence_stats
+    from ldm_scratch.adherence import fit_adherence
+    from ldm_scratch.evaluation import adherence_at, adherence_stats, score_adherence
     from ldm_scratch.pipeline import LatentDiffusionPipeline
     from ldm_scratch.train import save_image_grid
     pipe = LatentDiffusionPipeline.from_pretrained(res["pipeline"])
@@ -160,10 +160,7 @@ def demo(args: argparse.Namespace) -> dict:
     stats = real_stats if quick else adherence_stats(rec)
     report["adherence_stats"] = "real images" if stats.ink_floor == real_stats.ink_floor else "reconstructions"
     captions, real = heldout_captions(ev["per_digit"])
-    recs = rec(real)
-    report["reconstructions"] = prompt_adherence(recs, captions, stats=stats)
-    second = prompt_adherence(recs, captions, stats=real_stats)
-    report["reconstructions"]["second"] = {k: second[k] for k in ("digit_acc", "color_acc", "background_acc", "all_acc")}
+    report["reconstructions"] = score_adherence(rec(real), captions, stats, second_stats=real_stats)
     report["sweep"] = [{"guidance_scale": w, **adherence_at(pipe, captions, w, stats, ev["steps"], 0, "auto",
                                                              second_stats=real_stats)}
                        for w in GUIDANCE]
