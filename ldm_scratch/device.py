@@ -47,6 +47,31 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     return "bf16" if cpu_supports_bf16() else "fp32"
 
 
+def cpu_name() -> str:
+    """The processor's model name ("AMD EPYC", "Intel(R) Xeon(R) ..."), from /proc/cpuinfo on Linux."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+        return platform.processor() or "unknown CPU"
+
+
+def describe_machine(device: torch.device | str) -> str:
+    """One line for a notebook's or a report's header: the processor, the threads torch uses and the precision
+    that 'auto' picks, with the reason. A CPU without native bf16 (AVX2-only laptops, most consumer chips)
+    runs bf16 autocast several times *slower* than fp32, so every time budget there buys fewer steps."""
+    device = torch.device(device)
+    precision = resolve_precision("auto", device)
+    if device.type == "cuda":
+        why = f"{torch.cuda.get_device_name(device)}, bf16 {'supported' if precision == 'bf16' else 'not supported'}"
+        return f"device cuda ({why}); precision auto -> {precision}"
+    why = ("native bf16 instructions (AVX512-BF16 / AMX)" if precision == "bf16"
+           else "no native bf16 instructions, so bf16 autocast would be slower")
+    return (f"device cpu ({cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads); "
+            f"precision auto -> {precision}: {why}")
+
+
 def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
     """torch.autocast in bf16 for precision 'bf16' (after resolve_precision), else a no-op context."""
     device = torch.device(device)

@@ -42,9 +42,29 @@ def images_of(batch: Any) -> torch.Tensor:
 class AutoencoderTask:
     """The train.py task protocol for stage 1: modules, optimizers, the two losses, sample grids."""
 
-    def __init__(self, ae_cfg: AutoencoderConfig, loss_cfg: LossConfig, sample_images: torch.Tensor | None = None):
+    def __init__(self, ae_cfg: AutoencoderConfig, loss_cfg: LossConfig, sample_images: torch.Tensor | None = None,
+                 init_from: AutoencoderKL | None = None, decoder_only: bool = False):
+        """init_from: start from a trained autoencoder's weights (and its scale/shift factors) instead of a fresh
+        initialisation. decoder_only: freeze the encoder (and quant_conv), so the latent space, and every latent a
+        denoiser was trained on, stays exactly as it is; only the decoder learns. This is how Stable Diffusion's
+        improved VAEs (ft-EMA, ft-MSE) were made: the same latents, a better rendering of them."""
+        if decoder_only and init_from is None:
+            raise ValueError("decoder_only fine-tunes a trained decoder on a frozen encoder: give init_from too "
+                             "(a frozen, freshly initialised encoder would be a random latent space)")
         self.ae_cfg, self.loss_cfg = ae_cfg, loss_cfg
         self.ae = AutoencoderKL(ae_cfg)
+        self.decoder_only = decoder_only
+        if init_from is not None:
+            arch = lambda c: {k: v for k, v in config_to_dict(c).items() if k not in ("scale_factor", "shift_factor")}
+            if arch(init_from.cfg) != arch(ae_cfg):
+                diff = {k: (v, arch(ae_cfg)[k]) for k, v in arch(init_from.cfg).items() if arch(ae_cfg)[k] != v}
+                raise ValueError(f"init_from has a different architecture from the one asked for; (init_from, asked): "
+                                 f"{diff}")
+            self.ae.load_state_dict({k: v.float() for k, v in init_from.state_dict().items()})
+            self.ae.scale_factor, self.ae.shift_factor = init_from.scale_factor, init_from.shift_factor
+        if decoder_only:
+            self.ae.encoder.requires_grad_(False)
+            self.ae.quant_conv.requires_grad_(False)
         self.loss_fn = AutoencoderLoss(loss_cfg, ae_cfg.in_channels)
         self.ae_forward: Callable = self.ae  # replaced by a DDP wrapper under torchrun
         self.sample_images = sample_images  # a fixed batch for the reconstruction grids
@@ -58,7 +78,7 @@ class AutoencoderTask:
     def optimizers(self, cfg: TrainConfig) -> dict[str, torch.optim.Optimizer]:
         opts = {
             # encoder + decoder + logvar; the frozen perceptual net is in neither optimizer
-            "ae": make_adamw(self.loss_fn.generator_parameters(self.ae), cfg),
+            "ae": make_adamw([p for p in self.loss_fn.generator_parameters(self.ae) if p.requires_grad], cfg),
             "disc": make_adamw(self.loss_fn.discriminator_parameters(), cfg, lr=cfg.disc_lr),
         }
         self.loss_fn.check_optimizers(opts["ae"], opts["disc"])
@@ -119,6 +139,9 @@ class AutoencoderTask:
         -0.8, which the scale would turn into a mean of -2 that the noise schedule meets far off zero);
         store them in the config and save the model folder `out_dir/model/` (raw weights). Returns the
         scale factor."""
+        if self.decoder_only:  # the encoder did not move: keep its latent statistics exactly, save the new decoder
+            self.ae.save_pretrained(Path(out_dir) / "model")
+            return self.ae.scale_factor
         loader = torch.utils.data.DataLoader(data, batch_size=64, shuffle=False)
         # The generator must live where the latents are sampled (a CPU generator fails on cuda).
         generator = torch.Generator(next(self.ae.parameters()).device).manual_seed(0)

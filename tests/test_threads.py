@@ -65,3 +65,17 @@ def test_main_sets_threads_only_when_run_as_a_program(monkeypatch, keep_threads)
     assert calls == []  # argparse refused the flags first: a bad command line costs no measurement
     monkeypatch.setattr("sys.argv", ["ldm_scratch", "course", "check", "/no/such.ipynb"])
     assert main() == 2 and calls == [1]                              # as a program: measured, then the command
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_describe_machine_names_the_precision_auto_picks_and_why(monkeypatch, bf16):
+    monkeypatch.setattr(device, "cpu_supports_bf16", lambda: bf16)
+    monkeypatch.setattr(device, "cpu_name", lambda: "Test CPU 9000")
+    line = device.describe_machine("cpu")
+    assert "Test CPU 9000" in line and f"{torch.get_num_threads()} torch threads" in line
+    assert f"precision auto -> {'bf16' if bf16 else 'fp32'}" in line
+    assert ("native bf16 instructions" if bf16 else "no native bf16") in line
+
+
+def test_cpu_name_is_a_non_empty_string():
+    assert isinstance(device.cpu_name(), str) and device.cpu_name()

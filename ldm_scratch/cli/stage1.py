@@ -5,6 +5,7 @@ The end-to-end demo, both stages on captioned coloured digits, is `demo` (cli/de
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import time
@@ -21,7 +22,13 @@ from ldm_scratch.device import default_device
 
 # ----------------------------------------------------------------------------- train-autoencoder
 def add_train_autoencoder(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=sorted(AUTOENCODER_PRESETS), default="tiny")
+    p.add_argument("--preset", choices=sorted(AUTOENCODER_PRESETS), default=None, help="(default tiny)")
+    p.add_argument("--init-from", default=None, metavar="MODEL",
+                   help="start from a trained autoencoder: a model folder (config.json + model.pt) or a shipped name "
+                        "(mnist-f4, colored-f4, photo-f8c4); its architecture is used, so no --preset or architecture flags")
+    p.add_argument("--decoder-only", action="store_true",
+                   help="with --init-from: freeze the encoder and fine-tune the decoder, so the latent space (and every "
+                        "denoiser trained in it) stays valid; Stable Diffusion's ft-EMA / ft-MSE VAEs were made this way")
     p.add_argument("--data", choices=DATASETS, default="mnist5k")
     p.add_argument("--data-dir", default=None, help="with --data folder: your folder of PNG/JPEG images")
     p.add_argument("--image-size", type=int, default=None, help="crop size (photos, folder) or padded size (mnist5k); colored is 32 only")
@@ -35,14 +42,22 @@ def train_autoencoder(args: argparse.Namespace) -> dict:
     """Train stage 1 and save OUT/model/; returns a summary (steps, minutes, scale_factor)."""
     from ldm_scratch.stage1 import AutoencoderTask, stack_images
     from ldm_scratch.train import Trainer
-    ae_cfg = apply_flags(get_preset(AUTOENCODER_PRESETS, args.preset, "autoencoder"), args)
+    init = load_init(args)
+    if init is not None:
+        ae_cfg = dataclasses.replace(init.cfg)
+    else:
+        ae_cfg = apply_flags(get_preset(AUTOENCODER_PRESETS, args.preset or "tiny", "autoencoder"), args)
     loss_cfg = apply_flags(LossConfig(), args)
     train_cfg = apply_flags(TrainConfig(), args)
     data = build_data(args.data, args.image_size, train_cfg.seed, getattr(args, "data_dir", None))
     sample = stack_images(data, 8)
+    if init is not None and sample.shape[1] != ae_cfg.in_channels:
+        raise ValueError(f"--init-from {args.init_from}: the autoencoder takes {ae_cfg.in_channels}-channel images, "
+                         f"--data {args.data} gives {sample.shape[1]} channels")
     ae_cfg.in_channels = sample.shape[1]  # the data decides: 1 for MNIST, 3 for photos
     torch.manual_seed(train_cfg.seed)  # the initial weights, too, follow from --seed
-    task = AutoencoderTask(ae_cfg, loss_cfg, sample_images=sample)
+    task = AutoencoderTask(ae_cfg, loss_cfg, sample_images=sample, init_from=init,
+                           decoder_only=getattr(args, "decoder_only", False))
     trainer = Trainer(task, train_cfg, data, args.out)
     start = time.time()
     trainer.fit(resume=args.resume)
@@ -55,6 +70,30 @@ def train_autoencoder(args: argparse.Namespace) -> dict:
           f"scale_factor = {scale:.4f}")
     return {"steps": trainer.step, "minutes": minutes, "scale_factor": scale, "task": task,
             "precision": trainer.precision}
+
+
+def load_init(args: argparse.Namespace):
+    """The autoencoder --init-from names (None without it), float32; refuses flags it would silently override."""
+    from ldm_scratch.autoencoder import AutoencoderKL
+    from ldm_scratch.pretrained import PRETRAINED_AUTOENCODERS, load_autoencoder
+    source = getattr(args, "init_from", None)
+    if source is None:
+        if getattr(args, "decoder_only", False):
+            raise ValueError("--decoder-only fine-tunes a trained decoder: give --init-from MODEL as well")
+        return None
+    arch_flags = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(AutoencoderConfig)
+                  if getattr(args, f.name, None) is not None]
+    if args.preset is not None or arch_flags:
+        raise ValueError(f"--init-from {source} brings its own architecture; drop "
+                         f"{', '.join((['--preset'] if args.preset else []) + arch_flags)}")
+    if source in PRETRAINED_AUTOENCODERS:
+        model = load_autoencoder(source)
+    elif Path(source).is_dir():
+        model = AutoencoderKL.from_pretrained(source)
+    else:
+        raise ValueError(f"--init-from {source!r}: neither a model folder (config.json + model.pt) nor a shipped "
+                         f"autoencoder ({', '.join(PRETRAINED_AUTOENCODERS)})")
+    return model.float().train().requires_grad_(True)
 
 
 # ----------------------------------------------------------------------------- demo-autoencoders
