@@ -4,7 +4,6 @@ max_memory_allocated; CPU: a subprocess per model reading its resident-set high-
 """
 from __future__ import annotations
 
-import platform
 import resource
 import statistics
 import subprocess
@@ -27,10 +26,8 @@ def machine() -> str:
     """The CPU model from /proc/cpuinfo, or the GPU name when timing on cuda."""
     if torch.cuda.is_available() and torch.get_default_device().type == "cuda":
         return torch.cuda.get_device_name()
-    try:
-        return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+    from ldm_scratch.device import cpu_name
+    return cpu_name()
 
 
 def sync(device: torch.device) -> None:

@@ -54,7 +54,7 @@ def cpu_name() -> str:
             return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         import platform
-        return platform.processor() or "unknown CPU"
+        return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def describe_machine(device: torch.device | str) -> str:

@@ -55,9 +55,10 @@ class AutoencoderTask:
         self.ae = AutoencoderKL(ae_cfg)
         self.decoder_only = decoder_only
         if init_from is not None:
-            arch = lambda c: {k: v for k, v in config_to_dict(c).items() if k not in ("scale_factor", "shift_factor")}
-            if arch(init_from.cfg) != arch(ae_cfg):
-                diff = {k: (v, arch(ae_cfg)[k]) for k, v in arch(init_from.cfg).items() if arch(ae_cfg)[k] != v}
+            have, want = config_to_dict(init_from.cfg), config_to_dict(ae_cfg)
+            diff = {k: (v, want[k]) for k, v in have.items()
+                    if k not in ("scale_factor", "shift_factor") and want[k] != v}   # the latent stats may differ
+            if diff:
                 raise ValueError(f"init_from has a different architecture from the one asked for; (init_from, asked): "
                                  f"{diff}")
             self.ae.load_state_dict({k: v.float() for k, v in init_from.state_dict().items()})

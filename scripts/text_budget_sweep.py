@@ -26,8 +26,8 @@ import torch
 from ldm_scratch.adherence import fit_adherence
 from ldm_scratch.config import UNET_PRESETS, DiffusionConfig, TextEncoderConfig, get_preset
 from ldm_scratch.data import ColoredDigits
-from ldm_scratch.device import autocast, default_device, describe_machine, resolve_precision
-from ldm_scratch.evaluation import adherence_at
+from ldm_scratch.device import default_device, describe_machine, resolve_precision
+from ldm_scratch.evaluation import adherence_at, reconstruction
 from ldm_scratch.pretrained import autoencoder_folder, load_autoencoder
 from ldm_scratch.stage2 import diffusion_train_config
 from ldm_scratch.stage3 import LatentDiffusionTask, latent_dataset
@@ -66,16 +66,8 @@ def main() -> None:
     prompts = [str(c) for c in rng.choice(sorted(set(test.captions)), 40, replace=False)]
     captions = [c for c in prompts for _ in range(5)]
 
-    @torch.no_grad()
-    def reconstruct(x):
-        rec = []
-        for xb in x.split(250):
-            with autocast(device, precision):
-                rec.append(ae.decode(ae.encode(xb.to(device)).mode()).float().clamp(-1, 1).cpu())
-        return torch.cat(rec)
-
     stats_real = fit_adherence(seed=SEED)
-    stats_rec = fit_adherence(seed=SEED, transform=reconstruct)
+    stats_rec = fit_adherence(seed=SEED, transform=reconstruction(ae, precision))
 
     rows = []
     for lr in args.lrs:

@@ -17,7 +17,7 @@ import torch
 from ldm_scratch.cli import Command
 from ldm_scratch.cli.flags import DATASETS, add_config_flags, apply_flags, build_data
 from ldm_scratch.config import AUTOENCODER_PRESETS, AutoencoderConfig, LossConfig, TrainConfig, get_preset
-from ldm_scratch.device import default_device
+from ldm_scratch.device import cpu_name, default_device
 
 
 # ----------------------------------------------------------------------------- train-autoencoder
@@ -73,7 +73,7 @@ def train_autoencoder(args: argparse.Namespace) -> dict:
 
 
 def load_init(args: argparse.Namespace):
-    """The autoencoder --init-from names (None without it), float32; refuses flags it would silently override."""
+    """The autoencoder --init-from names (None without it); refuses flags it would silently override."""
     from ldm_scratch.autoencoder import AutoencoderKL
     from ldm_scratch.pretrained import PRETRAINED_AUTOENCODERS, load_autoencoder
     source = getattr(args, "init_from", None)
@@ -93,7 +93,7 @@ def load_init(args: argparse.Namespace):
     else:
         raise ValueError(f"--init-from {source!r}: neither a model folder (config.json + model.pt) nor a shipped "
                          f"autoencoder ({', '.join(PRETRAINED_AUTOENCODERS)})")
-    return model.float().train().requires_grad_(True)
+    return model
 
 
 # ----------------------------------------------------------------------------- demo-autoencoders
@@ -124,13 +124,8 @@ def add_demo_autoencoders(p: argparse.ArgumentParser) -> None:
 
 
 def machine_info(precision: str) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     dev = default_device()
-    return {"device": str(dev), "cpu": cpu, "gpu": torch.cuda.get_device_name() if dev.type == "cuda" else None,
+    return {"device": str(dev), "cpu": cpu_name(), "gpu": torch.cuda.get_device_name() if dev.type == "cuda" else None,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "precision": precision,
             "python": platform.python_version()}
 
