@@ -398,6 +398,6 @@ class Trainer:
         if self.stopped == "interrupted":
             raise TrainingInterrupted(self.step, self.ckpt_path)
         if self.stopped == "time" and self.is_main:
-            print(f"time budget of {self.cfg.max_minutes} min reached at step {self.step}; "
+            print(f"time budget of {self.cfg.max_minutes:.3g} min reached at step {self.step}; "
                   f"checkpoint saved to {self.ckpt_path}")
         return self.history
