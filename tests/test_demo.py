@@ -13,8 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    # the test process waits while the command runs, so the command may use up to two of the cores
-    env = dict(os.environ, OMP_NUM_THREADS=str(min(2, os.cpu_count() or 1)), MPLBACKEND="Agg")
+    # the test process waits while the command runs, so the command may use up to two of the cores, unless the
+    # suite set a thread count (scripts/test.sh runs the tests in parallel workers with one thread each)
+    env = dict(os.environ, MPLBACKEND="Agg")
+    env.setdefault("OMP_NUM_THREADS", str(min(2, os.cpu_count() or 1)))
     return subprocess.run([sys.executable, "-m", "ldm_scratch", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
 

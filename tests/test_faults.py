@@ -170,7 +170,16 @@ class InterruptingTask(RegressionTask):
         return super().loss(name, batch, step)
 
 
-def test_ctrl_c_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path):
+@pytest.fixture
+def ctrl_c_raises():
+    """Python's own Ctrl-C handler for the test, as in a terminal: pytest-xdist's workers ignore SIGINT, and the
+    trainer (rightly) leaves an ignored SIGINT alone."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, ctrl_c_raises):
     full = Trainer(RegressionTask(), cfg(steps=8), regression_data(), tmp_path / "full").fit()
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(TrainingInterrupted) as err:
@@ -182,7 +191,7 @@ def test_ctrl_c_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path):
     assert Trainer(RegressionTask(), cfg(steps=8), regression_data(), tmp_path / "b").fit(resume=True) == full
 
 
-def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path):
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path, ctrl_c_raises):
     with pytest.raises(KeyboardInterrupt) as err:
         Trainer(InterruptingTask(at=4, times=2), cfg(steps=8, ckpt_every=3), regression_data(), tmp_path).fit()
     assert type(err.value) is KeyboardInterrupt  # not TrainingInterrupted: nothing was saved
