@@ -11,7 +11,8 @@ cores=$(nproc 2>/dev/null || echo 1)
 workers=${LDM_TEST_WORKERS:-$(( cores < 8 ? cores : 8 ))}
 if [ "$workers" -gt 1 ]; then
   export OMP_NUM_THREADS=1
-  # --dist load hands out the first tests round-robin; tests/conftest.py puts the longest ones first
-  exec .venv/bin/python -m pytest -q -n "$workers" --dist load tests "$@"
+  # --maxschedchunk 1: each worker is handed the next test when it is nearly idle (a chunk would tie a run of
+  # tests to one worker); tests/conftest.py puts the longest ones first, so the workers finish together
+  exec .venv/bin/python -m pytest -q -n "$workers" --dist load --maxschedchunk 1 tests "$@"
 fi
 exec .venv/bin/python -m pytest -q tests "$@"

@@ -22,9 +22,9 @@ def _seed():
 
 
 # The end-to-end tests (demo, notebooks, compiled sampling, CLI training runs) take 20-240 s each; the rest take
-# well under 10 s. scripts/test.sh runs the suite in one worker per core with `--dist load`, which hands the first
-# tests out round-robin: starting the long ones first keeps the workers busy to the end (longest-first
-# scheduling) instead of leaving one worker alone with a 4-minute demo at the finish. Listed longest first
+# well under 10 s. scripts/test.sh runs the suite in one worker per core and hands each worker the next test when
+# it is nearly idle (`--dist load --maxschedchunk 1`): starting the long ones first keeps the workers busy to the
+# end (longest-first scheduling) instead of leaving one worker alone with a string of notebooks at the finish. Listed longest first
 # (seconds measured with 2 workers of one thread each on the 2-core AMD EPYC).
 LONGEST_FIRST = (
     "tests/test_demo.py::test_demo_quick_trains_both_stages_and_reports",       # 234
