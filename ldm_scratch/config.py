@@ -84,6 +84,8 @@ class LossConfig:
     vgg_path: str = ""                   # perceptual_net="vgg16": torchvision vgg16 state_dict file
     lin_path: str = ""                   # perceptual_net="vgg16": LPIPS lin weights (weights/v0.1/vgg.pth)
     disc_norm: str = "group"             # "group", "batch" (LDM's) or "none"; see PatchDiscriminator
+    disc_warmup: int = 0                 # first steps that train ONLY the discriminator, against the frozen initial
+                                         # autoencoder (a fine-tune's fresh discriminator learns what real looks like)
 
 
 @dataclass

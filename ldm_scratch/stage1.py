@@ -63,6 +63,10 @@ class AutoencoderTask:
                                  f"{diff}")
             self.ae.load_state_dict({k: v.float() for k, v in init_from.state_dict().items()})
             self.ae.scale_factor, self.ae.shift_factor = init_from.scale_factor, init_from.shift_factor
+        if loss_cfg.disc_warmup > 0 and not (loss_cfg.disc_factor > 0 and loss_cfg.disc_start < loss_cfg.disc_warmup):
+            raise ValueError(f"disc_warmup={loss_cfg.disc_warmup} trains only the discriminator for its first steps, "
+                             f"but the discriminator is off then (disc_start={loss_cfg.disc_start}, disc_factor="
+                             f"{loss_cfg.disc_factor}): nothing would train; set disc_start below disc_warmup")
         if decoder_only:
             self.ae.encoder.requires_grad_(False)
             self.ae.quant_conv.requires_grad_(False)
@@ -90,6 +94,11 @@ class AutoencoderTask:
         if self.sample_images is None:
             self.sample_images = x[:8].detach().clone()
         if name == "ae":
+            if step < self.loss_cfg.disc_warmup:  # the discriminator's warm-up: reconstruct, but train nothing here
+                with torch.no_grad():
+                    x_rec, _ = self.ae_forward(x)
+                self._cache = (x, x_rec.detach())
+                return None, {}
             x_rec, posterior = self.ae_forward(x)  # a sample from q(z|x), decoded: (B, C, H, W)
             loss, logs = self.loss_fn.generator_loss(x, x_rec, posterior, step, self.ae.last_layer)
             self._cache = (x, x_rec.detach())  # the discriminator sees this recon, with no path back into the AE

@@ -47,7 +47,33 @@ def test_init_from_without_decoder_only_trains_everything_from_the_weights(base,
     assert max((a[k] - b[k]).abs().max().item() for k in a if a[k].is_floating_point()) < 0.05
 
 
+def test_disc_warmup_trains_only_the_discriminator_first(base):
+    """--disc-warmup N: for the first N steps the fresh discriminator learns against the frozen initial decoder
+    (a fine-tune's discriminator must know what real looks like before its gradient steers the decoder)."""
+    from ldm_scratch.config import LossConfig, TrainConfig
+    from ldm_scratch.data import MNIST5k
+    from ldm_scratch.stage1 import AutoencoderTask
+    from ldm_scratch.train import Trainer
+    init = AutoencoderKL.from_pretrained(base)
+    data = MNIST5k("train", pad_to=32)
+    start = {k: v.clone() for k, v in init.state_dict().items()}
+
+    def run(steps, out):
+        torch.manual_seed(0)
+        task = AutoencoderTask(init.cfg, LossConfig(disc_start=0, disc_warmup=2), init_from=init, decoder_only=True)
+        disc0 = [p.detach().clone() for p in task.loss_fn.discriminator_parameters()]
+        Trainer(task, TrainConfig(steps=steps, batch_size=4, lr=1e-3, precision="fp32", sample_every=0,
+                                  ckpt_every=0, log_every=1), data, out).fit()
+        ae_same = all(torch.equal(start[k], v) for k, v in task.ae.state_dict().items())
+        disc_moved = any(not torch.equal(a, b) for a, b in zip(disc0, task.loss_fn.discriminator_parameters()))
+        return ae_same, disc_moved
+
+    assert run(2, base.parent / "warm") == (True, True)      # the warm-up: the autoencoder did not move at all
+    assert run(3, base.parent / "after") == (False, True)    # the step after it trains the decoder as usual
+
+
 @pytest.mark.parametrize("extra, expected", [
+    (["--init-from", "BASE", "--disc-warmup", "2", "--disc-start", "5"], "nothing would train"),
     (["--decoder-only"], "--init-from"),
     (["--init-from", "BASE", "--preset", "small-f4"], "drop --preset"),
     (["--init-from", "BASE", "--ch", "8"], "--ch"),
