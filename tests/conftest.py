@@ -24,8 +24,8 @@ def _seed():
 # The end-to-end tests (demo, notebooks, compiled sampling, CLI training runs) take 20-240 s each; the rest take
 # well under 10 s. scripts/test.sh runs the suite in one worker per core and hands each worker the next test when
 # it is nearly idle (`--dist load --maxschedchunk 1`): starting the long ones first keeps the workers busy to the
-# end (longest-first scheduling) instead of leaving one worker alone with a string of notebooks at the finish. Listed longest first
-# (seconds measured with 2 workers of one thread each on the 2-core AMD EPYC).
+# end (longest-first scheduling) instead of leaving one worker alone with a string of notebooks at the finish.
+# Listed longest first (seconds measured with 2 workers of one thread each on the 2-core AMD EPYC).
 LONGEST_FIRST = (
     "tests/test_demo.py::test_demo_quick_trains_both_stages_and_reports",       # 234
     "tests/test_demo.py::test_demo_autoencoders_writes_models_grids_and_report",  # 168
