@@ -75,8 +75,13 @@ class ResnetBlock(nn.Module):
 # matmuls with the softmax in fp32 made those steps 1.3-3.5x faster. Above this many query x key
 # pairs the plain path's (N, M) score matrix costs more memory than the fused kernel saves time, so
 # large maps (e.g. SD's 64 x 64 = 4096 positions) keep the fused kernel. Set False to always fuse.
+# Without autograd (sampling) there is no backward, and the fused forward wins from about 64 tokens on:
+# 1,000 guided latent U-Net samples (its 8 x 8 = 64-position attention) took 33 s fused against 45 s
+# plain on a 2-core AMD EPYC with AVX512-BF16 (1.2-1.5x on an Intel Xeon too), while the DiT's 16 tokens
+# ran 15-16 s plain against 17-19 s fused (scripts/sample_throughput.py --fused-attention, README "Speed").
 CPU_BF16_PLAIN_ATTENTION = True
 PLAIN_ATTENTION_MAX_PAIRS = 1024 * 1024
+FUSED_NO_GRAD_MIN_PAIRS = 1024
 # True: every call takes the plain matmuls. metrics.count_flops sets it while counting, because
 # torch's FLOP counter has no formula for the CPU fused kernel and would count attention as 0.
 PLAIN_ATTENTION_EVERYWHERE = False
@@ -91,8 +96,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     plain: None chooses as above; True / False force the plain matmuls / the fused kernel (tests, bench).
     """
     if plain is None:
+        pairs = q.shape[-2] * k.shape[-2]
+        sampling_sized = not torch.is_grad_enabled() and pairs >= FUSED_NO_GRAD_MIN_PAIRS
         plain = PLAIN_ATTENTION_EVERYWHERE or (CPU_BF16_PLAIN_ATTENTION and q.device.type == "cpu" and q.dtype == torch.bfloat16
-                 and q.shape[-2] * k.shape[-2] <= PLAIN_ATTENTION_MAX_PAIRS)
+                 and pairs <= PLAIN_ATTENTION_MAX_PAIRS and not sampling_sized)
     if not plain:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     # softmax(Q K^T / sqrt(d)) V

@@ -147,3 +147,29 @@ def test_plain_attention_is_the_cpu_bf16_default_and_the_patch_restores_it():
     assert layers.CPU_BF16_PLAIN_ATTENTION
     # both in bf16: agree to bf16 rounding (2^-8 relative, a few roundings deep)
     torch.testing.assert_close(fused.float(), plain.float(), atol=0.03, rtol=0.03)
+
+
+def test_sampling_sized_attention_takes_the_fused_kernel_without_autograd(monkeypatch):
+    """Under no_grad, maps of at least FUSED_NO_GRAD_MIN_PAIRS query x key pairs take the fused kernel
+    (faster forward, measured); with autograd, and for fewer pairs, the plain path stays."""
+    calls = []
+    real_sdpa = layers.F.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        calls.append(args[0].shape[-2])
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", counting_sdpa)
+    g = torch.Generator().manual_seed(0)
+    big = [torch.randn(2, 2, 64, 8, generator=g).bfloat16() for _ in range(3)]  # 64 x 64 = 4096 pairs
+    small = [torch.randn(2, 2, 16, 8, generator=g).bfloat16() for _ in range(3)]  # 256 pairs
+    assert 16 * 16 < layers.FUSED_NO_GRAD_MIN_PAIRS <= 64 * 64
+    layers.attention(*big)
+    layers.attention(*small)
+    assert calls == []  # with autograd on: the plain path for both
+    with torch.no_grad():
+        fused = layers.attention(*big)
+        layers.attention(*small)
+        assert calls == [64]  # only the 64-token map was fused
+        plain = layers.attention(*big, plain=True)
+    torch.testing.assert_close(fused.float(), plain.float(), atol=0.03, rtol=0.03)
