@@ -100,6 +100,11 @@ class AutoencoderTask:
                 return None, {}
             x_rec, posterior = self.ae_forward(x)  # a sample from q(z|x), decoded: (B, C, H, W)
             loss, logs = self.loss_fn.generator_loss(x, x_rec, posterior, step, self.ae.last_layer)
+            if self.loss_cfg.equivariance_weight > 0:
+                se = self.equivariance_loss(x, posterior)
+                loss = loss + self.loss_cfg.equivariance_weight * se
+                logs["equivariance"] = se.item() / x[0].numel() * 4   # per pixel of the half-size image
+                logs["total"] = loss.item()
             self._cache = (x, x_rec.detach())  # the discriminator sees this recon, with no path back into the AE
             self._set_postfix(logs)
             return loss, logs
@@ -111,6 +116,25 @@ class AutoencoderTask:
             self._set_postfix(logs)
             return loss, logs
         raise ValueError(f"unknown optimizer name {name!r}; expected 'ae' or 'disc'")
+
+    def equivariance_loss(self, x: torch.Tensor, posterior) -> torch.Tensor:
+        """Scale equivariance (Skorokhodov et al. 2025, "Improving the Diffusability of Autoencoders", Sec. 3):
+        || D(avgpool2(z)) - avgpool2(x) ||_1, summed over pixels and averaged over the batch like the NLL,
+        z a sample of q(z|x).
+
+        Why: an autoencoder trained on reconstruction alone is free to put fine, noise-like detail into its
+        latent (its spectrum then carries more high-frequency energy than the image's), and a denoiser, which
+        builds a sample coarse to fine, spends its steps on that detail. Asking the decoder to read a 2x
+        coarser latent as a 2x coarser image ties the latent's low frequencies to the image's, so coarse
+        latent structure means coarse image structure: the latent becomes easier to generate ("diffusable")
+        at a small cost in reconstruction. Needs even latent sides."""
+        z = posterior.sample()  # (B, c, h, w)
+        if z.shape[-1] % 2 or z.shape[-2] % 2:
+            raise ValueError(f"equivariance_weight needs even latent sides to average 2 x 2 blocks, got {tuple(z.shape[-2:])}")
+        x_small = F.avg_pool2d(x.float(), 2)  # (B, C, H/2, W/2)
+        rec_small = self.ae.decode(F.avg_pool2d(z, 2)).float()  # (B, c, h/2, w/2) -> (B, C, H/2, W/2)
+        # divided by exp(logvar) like the NLL's L1, so equivariance_weight stays its weight relative to that term
+        return (rec_small - x_small).abs().sum() / x.shape[0] / torch.exp(self.loss_fn.logvar.detach())
 
     def _set_postfix(self, logs: dict) -> None:
         for k in logs:
