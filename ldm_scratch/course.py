@@ -258,29 +258,32 @@ def _guidance(w: float, shape: tuple[int, ...], seed: int) -> Case:
 
 
 # ---------------------------------------------------------------- 05: the latent cache and the decode step
-def _tiny_autoencoder(channels: int, seed: int, scale_factor: float) -> AutoencoderKL:
-    """A random `tiny` autoencoder (f = 4, 4 latent channels) with a given scale factor, in eval mode."""
+def _tiny_autoencoder(channels: int, seed: int, scale_factor: float, shift_factor: float = 0.0) -> AutoencoderKL:
+    """A random `tiny` autoencoder (f = 4, 4 latent channels) with given scale and shift factors, in eval mode."""
     torch.manual_seed(seed)  # the random weights (inside the forked RNG)
     cfg = get_preset(AUTOENCODER_PRESETS, "tiny", "autoencoder")
     cfg.in_channels = channels
     ae = AutoencoderKL(cfg).eval()
     ae.scale_factor = scale_factor
+    ae.shift_factor = shift_factor
     return ae
 
 
-def _encode_latents(channels: int, n: int, side: int, scale_factor: float, seed: int) -> Case:
+def _encode_latents(channels: int, n: int, side: int, scale_factor: float, seed: int, shift_factor: float = 0.0) -> Case:
     def run(fn):
-        ae = _tiny_autoencoder(channels, seed, scale_factor)
+        ae = _tiny_autoencoder(channels, seed, scale_factor, shift_factor)
         images = torch.rand(n, channels, side, side, generator=_gen(seed)) * 2 - 1
         ref = encode_images(ae, images, precision="fp32", progress=False)
-        _close(fn(ae, images), ref, f"z0 ({n} images {channels}x{side}x{side}, scale factor {scale_factor:g})",
+        _close(fn(ae, images), ref, f"z0 ({n} images {channels}x{side}x{side}, scale factor {scale_factor:g}, "
+               f"shift factor {shift_factor:g})",
                rtol=1e-4, atol=1e-5)
     return run
 
 
-def _decode_latents(channels: int, n: int, side: int, scale_factor: float, spread: float, seed: int) -> Case:
+def _decode_latents(channels: int, n: int, side: int, scale_factor: float, spread: float, seed: int,
+                    shift_factor: float = 0.0) -> Case:
     def run(fn):
-        ae = _tiny_autoencoder(channels, seed, scale_factor)
+        ae = _tiny_autoencoder(channels, seed, scale_factor, shift_factor)
         z_channels = ae.cfg.z_channels
         denoiser = build_denoiser("dit", dataclasses.replace(get_preset(DIT_PRESETS, "dit-tiny"),
                                                              in_channels=z_channels, sample_size=side))
@@ -289,7 +292,8 @@ def _decode_latents(channels: int, n: int, side: int, scale_factor: float, sprea
         ref = pipe.decode(z0, "tensor", precision="fp32")
         with torch.no_grad():
             mine = fn(ae, z0)
-        _close(mine, ref, f"x ({n} latents {z_channels}x{side}x{side}, scale factor {scale_factor:g})",
+        _close(mine, ref, f"x ({n} latents {z_channels}x{side}x{side}, scale factor {scale_factor:g}, "
+               f"shift factor {shift_factor:g})",
                rtol=1e-4, atol=1e-5)
     return run
 
@@ -500,11 +504,14 @@ EXERCISES: dict[str, Exercise] = {e.name: e for e in (
     Exercise("guidance", "04_ddpm", "eps = eps_uncond + w (eps_cond - eps_uncond)",
              (_guidance(3.0, (2, 1, 8, 8), 0), _guidance(1.0, (3, 2, 4, 4), 1), _guidance(0.0, (2, 1, 4, 4), 2),
               _guidance(7.5, (4, 3, 4, 4), 3))),
-    Exercise("encode_latents", "05_latent_diffusion", "z0 = mode(q(z | x)) * scale_factor (the latent cache)",
-             (_encode_latents(1, 8, 32, 0.8, 0), _encode_latents(3, 5, 8, 2.5, 1), _encode_latents(1, 1, 16, 0.3, 2))),
-    Exercise("decode_latents", "05_latent_diffusion", "x = clamp(decode(z0 / scale_factor), -1, 1), once per image",
-             (_decode_latents(1, 8, 8, 0.8, 1.0, 0), _decode_latents(3, 3, 2, 2.5, 3.0, 1),
-              _decode_latents(1, 1, 4, 0.25, 0.5, 2))),
+    Exercise("encode_latents", "05_latent_diffusion",
+             "z0 = (mode(q(z | x)) - shift_factor) * scale_factor (the latent cache)",
+             (_encode_latents(1, 8, 32, 0.8, 0), _encode_latents(3, 5, 8, 2.5, 1, shift_factor=-0.8),
+              _encode_latents(1, 1, 16, 0.3, 2, shift_factor=0.5))),
+    Exercise("decode_latents", "05_latent_diffusion",
+             "x = clamp(decode(z0 / scale_factor + shift_factor), -1, 1), once per image",
+             (_decode_latents(1, 8, 8, 0.8, 1.0, 0), _decode_latents(3, 3, 2, 2.5, 3.0, 1, shift_factor=-0.8),
+              _decode_latents(1, 1, 4, 0.25, 0.5, 2, shift_factor=0.5))),
     Exercise("patchify", "06_dit", "(B, C, H, W) -> (B, N, P*P*C), patches row-major, (p1, p2, c) inside",
              (_patchify((1, 4, 8, 8), 2, 0), _patchify((2, 3, 6, 10), 2, 1), _patchify((3, 4, 8, 8), 4, 2),
               _patchify((2, 2, 3, 5), 1, 3))),

@@ -8,8 +8,9 @@
 
 Trains, with the package's own `train-autoencoder` command (one process per model, one thread each,
 concurrently; fixed seeds and STEP counts, never a wall-time budget, so a rerun gives the same recipe on
-any machine), each model by its recipe (RECIPES: "plain", the SD layout; "residual", DC-AE's shortcuts; "long",
-colored-f4's plain recipe for 6,000 steps, about an hour; SHIPPED says which one ships):
+any machine), each model by its recipe (RECIPES: "plain", the SD layout; "residual", DC-AE's shortcuts;
+"residual-se", those plus scale equivariance; "long", colored-f4's plain recipe for 6,000 steps, about an hour;
+SHIPPED says which one ships):
   mnist-f4    MNIST-5k "train"          1 x 32 x 32 -> 4 x 8 x 8
   colored-f4  ColoredDigits("train")    3 x 32 x 32 -> 4 x 8 x 8
 into RUNS_DIR/NAME/, then evaluates each on its held-out "test" split: PSNR/SSIM beside the non-learned
@@ -86,7 +87,11 @@ class Recipe:
 # residual, 120 steps at lr 1e-4: weight 1 -> 19.98 dB, all-three adherence 0.384; weight 0.1 -> 21.73, 0.432.
 RECIPES = {
     "mnist-f4": {"plain": Recipe("small-f4", "mnist5k", steps=500, batch_size=32, lr=2e-4, disc_start=400),
-                 "residual": Recipe("mnist-f4-res", "mnist5k", steps=600, batch_size=32, lr=1e-4, disc_start=600)},
+                 "residual": Recipe("mnist-f4-res", "mnist5k", steps=600, batch_size=32, lr=1e-4, disc_start=600),
+                 # the residual recipe plus scale equivariance (stage1.AutoencoderTask.equivariance_loss): a
+                 # latent that is easier to generate, for the denoisers downstream (docs/stage1_weights_trials.md)
+                 "residual-se": Recipe("mnist-f4-res", "mnist5k", steps=600, batch_size=32, lr=1e-4, disc_start=600,
+                                       extra=("--equivariance-weight", "0.5"))},
     "colored-f4": {"plain": Recipe("small-f4", "colored", steps=500, batch_size=32, lr=2e-4, disc_start=400,
                                    extra=("--perceptual-weight", "0.1")),
                    "residual": Recipe("colored-f4-res", "colored", steps=600, batch_size=32, lr=1e-4,
@@ -99,12 +104,12 @@ RECIPES = {
                                   extra=("--perceptual-weight", "0.1"))},
 }
 # The recipe each model ships with: residual only where it met the aims below AND the denoisers downstream did
-# not get worse (docs/stage1_weights_trials.md). mnist-f4's residual recipe meets the reconstruction aims but was
-# taken back on 2026-12-02: its latents have mean -2.1 after scaling (scale_factor 2.65), and the latent denoisers
-# trained on them scored worse at the same steps (DiT, 3,000 steps, DDIM 50, w = 3: accuracy 0.968 / FID 78.3 vs
-# 0.992 / 71.9 on the plain model's latents; notebook 06's 800-step DiT 0.396 / 419 vs 0.654 / 334). A shift
-# factor (subtract the measured latent mean before scaling, as SD3 and FLUX do) comes first.
-SHIPPED = {"mnist-f4": "plain", "colored-f4": "long"}
+# not get worse (docs/stage1_weights_trials.md). mnist-f4's residual recipe met the reconstruction aims but was
+# taken back on 2026-12-02: the DiT trained on its latents scored worse at the same steps (3,000 steps, DDIM 50,
+# w = 3: accuracy 0.968 / FID 78.3 vs 0.992 / 71.9 on the plain model's latents), with or without a shift factor.
+# Since 2026-12-07 it ships "residual-se": the same recipe with scale equivariance, whose latents both denoisers
+# learn better than the plain codec's (scripts/codec_downstream.py; the numbers are in the trials document).
+SHIPPED = {"mnist-f4": "residual-se", "colored-f4": "long"}
 SNAPSHOTS = 4  # reconstruction grids and checkpoints per run
 # float16 keeps ~3 significant digits per weight; we accept it only if the held-out reconstructions
 # move by less than this (a PSNR difference far below what an eye or a diffusion model could notice).
@@ -283,7 +288,8 @@ def render_readme(report: dict) -> str:
                      f"{r['wall_s'] / r['steps']:.2f} s per step including start-up, OMP_NUM_THREADS={r['threads']}"
                      + (f"; run in {r['segments']} segments with `--resume`, which continues exactly"
                         if r.get("segments", 1) > 1 else "") + (f"; {r['note']}" if r.get("note") else "") + ")")
-    lines += ["", f"Machine: {m['cpu']} ({m['device']}, {os.cpu_count()} cores, shared with other jobs), torch "
+    lines += ["", f"Machine (evaluation, and training where a run's note does not say otherwise): {m['cpu']} "
+              f"({m['device']}, {os.cpu_count()} cores), torch "
               f"{m['torch']}; built {report['date']}.", "",
               "## Held-out reconstruction", "",
               "Each model's `test` split (never trained on), posterior mode -> decoder, clamped to [-1, 1]. "
@@ -352,7 +358,7 @@ def main() -> None:
                    "discriminator starts at the same fraction); default: each recipe's own")
     p.add_argument("--skip-train", action="store_true", help="evaluate (and install) finished runs only")
     p.add_argument("--resume", action="store_true", help="continue each run from its checkpoint.pt")
-    p.add_argument("--recipe", choices=("plain", "residual", "long"), default=None,
+    p.add_argument("--recipe", choices=sorted(set().union(*RECIPES.values())), default=None,
                    help="the recipe of every model run (RECIPES); default: each model's SHIPPED one")
     p.add_argument("--only", choices=sorted(RECIPES), nargs="+", default=None,
                    help="train and evaluate only these; the others' entries come from RUNS_DIR/report.json")

@@ -54,7 +54,7 @@ CLAIMS = [
      rf"seed-to-seed spread of {NUM}"),
     ("06_dit",
      rf"FID DiT {NUM} vs U-Net {NUM}",
-     rf"the DiT is ahead: FID {NUM} vs\s+{NUM}"),
+     rf"FID DiT {NUM} vs U-Net\s+{NUM}"),
     ("05_latent_diffusion",
      rf"64x64x4: 48x the elements, {NUM}x the FLOPs per step",
      rf"small-latent` U-Net: {NUM}x with"),
