@@ -16,7 +16,6 @@ and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time

@@ -16,7 +16,10 @@ import torch.nn.functional as F
 
 from ldm_scratch.autoencoder import AutoencoderKL
 from ldm_scratch.data import MNIST5k
+from ldm_scratch.evaluation import score_digits
 from ldm_scratch.latents import encode_images
+
+SIGMAS = (0.0, 0.2, 0.5)
 
 
 def high_share(x: torch.Tensor) -> float:
@@ -30,29 +33,37 @@ def high_share(x: torch.Tensor) -> float:
     return (power[radius > 0.25].sum() / power.sum()).item()
 
 
-images = MNIST5k("train").images                   # (4500, 1, 32, 32)
-for folder in sys.argv[1:]:
-    ae = AutoencoderKL.from_pretrained(folder).eval()
+def fine_detail(ae: AutoencoderKL, images: torch.Tensor) -> str:
+    """Diagnostic 1 on the training images."""
     z = encode_images(ae, images, precision="fp32", progress=False)   # (N, c, 8, 8), shifted and scaled
     img = F.avg_pool2d(images, ae.cfg.f)                               # the image on the latent's grid
-    print(f"{folder}: latent {tuple(z.shape[1:])}, high-frequency share {high_share(z):.3f} "
-          f"(the image at {z.shape[-1]} x {z.shape[-1]}: {high_share(img):.3f}); neighbour correlation "
-          f"{torch.corrcoef(torch.stack([z[..., :-1].flatten(), z[..., 1:].flatten()]))[0, 1]:.3f}")
+    neighbours = torch.corrcoef(torch.stack([z[..., :-1].flatten(), z[..., 1:].flatten()]))[0, 1]
+    return (f"latent {tuple(z.shape[1:])}, high-frequency share {high_share(z):.3f} (the image at "
+            f"{z.shape[-1]} x {z.shape[-1]}: {high_share(img):.3f}); neighbour correlation {neighbours:.3f}")
 
-# The decoder's side: how gracefully does it render latents a little off the encoder's (a denoiser's samples
-# are)? Held-out digits, scaled latents plus Gaussian noise of std sigma, decoded, scored by the classifier.
-from ldm_scratch.evaluation import reference_digits, score_digits   # noqa: E402
-test = MNIST5k("test", pad_to=32)
-x_test, y_test = test.images[:500], test.labels[:500]
-g = torch.Generator().manual_seed(0)
-for folder in sys.argv[1:]:
-    ae = AutoencoderKL.from_pretrained(folder).eval()
-    z = encode_images(ae, x_test, precision="fp32", progress=False)
-    noise = torch.randn(z.shape, generator=g)
+
+@torch.no_grad()
+def tolerance(ae: AutoencoderKL, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> str:
+    """Diagnostic 2 on held-out digits: decode (scaled latents + sigma * noise), score with the classifier."""
+    z = encode_images(ae, x, precision="fp32", progress=False)
+    noise = torch.randn(z.shape, generator=generator)
     cells = []
-    for sigma in (0.0, 0.2, 0.5):
-        with torch.no_grad():
-            x = ae.decode(ae.unscale_latents(z + sigma * noise)).clamp(-1, 1)
-        s = score_digits(x, y_test)
+    for sigma in SIGMAS:
+        s = score_digits(ae.decode(ae.unscale_latents(z + sigma * noise)).clamp(-1, 1), y)
         cells.append(f"sigma {sigma:g}: acc {s['cond_acc']:.3f} FID {s['fid']:.1f}")
-    print(f"{folder}: " + "; ".join(cells))
+    return "; ".join(cells)
+
+
+def main() -> None:
+    train = MNIST5k("train").images                # (4500, 1, 32, 32)
+    test = MNIST5k("test", pad_to=32)
+    x_test, y_test = test.images[:500], test.labels[:500]
+    g = torch.Generator().manual_seed(0)           # one noise stream, drawn folder by folder
+    for folder in sys.argv[1:]:
+        ae = AutoencoderKL.from_pretrained(folder).eval()
+        print(f"{folder}: {fine_detail(ae, train)}")
+        print(f"{folder}: {tolerance(ae, x_test, y_test, g)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
