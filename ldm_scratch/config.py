@@ -86,6 +86,7 @@ class LossConfig:
     disc_norm: str = "group"             # "group", "batch" (LDM's) or "none"; see PatchDiscriminator
     disc_warmup: int = 0                 # first steps that train ONLY the discriminator, against the frozen initial
                                          # autoencoder (a fine-tune's fresh discriminator learns what real looks like)
+    pixel_loss: str = "l1"               # "l1": Laplace NLL (LDM's); "l2": Gaussian NLL, squared error (what PSNR scores)
     equivariance_weight: float = 0.0     # scale equivariance (Skorokhodov et al. 2025): decoding the 2x2-averaged latent
                                          # must give the 2x2-averaged image; 0 = off (see AutoencoderTask.loss)
 

@@ -37,6 +37,9 @@ from .layers import Normalize
 from .perceptual import PerceptualLoss
 
 
+PIXEL_LOSSES = ("l1", "l2")  # LossConfig.pixel_loss: the reconstruction term of the NLL
+
+
 class PatchDiscriminator(nn.Module):
     """PatchGAN (Isola et al. 2017, Sec. 3.2.2): one real/fake logit per overlapping image patch.
 
@@ -131,6 +134,8 @@ class AutoencoderLoss(nn.Module):
 
     def __init__(self, cfg: LossConfig, in_channels: int):
         super().__init__()
+        if cfg.pixel_loss not in PIXEL_LOSSES:
+            raise ValueError(f"pixel_loss must be one of {', '.join(PIXEL_LOSSES)}, got {cfg.pixel_loss!r}")
         if cfg.disc_loss not in ("hinge", "vanilla"):
             raise ValueError(f"disc_loss must be 'hinge' or 'vanilla', got {cfg.disc_loss!r}")
         if cfg.perceptual_net not in ("default", "contrastive", "vgg16", "none"):
@@ -187,13 +192,15 @@ class AutoencoderLoss(nn.Module):
         x, x_rec = x.float(), x_rec.float()
         B = x.shape[0]
         l1 = (x - x_rec).abs()  # (B, C, H, W)
-        rec = l1
+        l2 = self.cfg.pixel_loss == "l2"
+        rec = l1.square() if l2 else l1
         p = torch.zeros(B, device=x.device)
         if self.perceptual is not None:
             p = self.perceptual(x, x_rec)  # (B,)
-            rec = l1 + self.cfg.perceptual_weight * p[:, None, None, None]  # (B, C, H, W), p per pixel
-        # Laplace NLL with learned scale: rec / exp(logvar) + logvar, summed over pixels, / B
-        nll = torch.sum(rec / torch.exp(self.logvar) + self.logvar) / B
+            rec = rec + self.cfg.perceptual_weight * p[:, None, None, None]  # (B, C, H, W), p per pixel
+        # Laplace NLL with learned scale: rec / exp(logvar) + logvar, summed over pixels, / B. With pixel_loss
+        # "l2" the Gaussian one, rec / exp(logvar) + logvar / 2 (variance exp(logvar) / 2, constants dropped)
+        nll = torch.sum(rec / torch.exp(self.logvar) + (0.5 if l2 else 1.0) * self.logvar) / B
         # posterior.kl(): (B,) already summed over (c, H/f, W/f); mean over the batch
         kl = posterior.kl().float().mean()
         loss = nll + self.cfg.kl_weight * kl

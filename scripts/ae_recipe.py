@@ -57,6 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--disc-start", type=int, default=NEVER, help="step the discriminator joins (default: never)")
     p.add_argument("--free-latent-channels", action="store_true",
                    help="residual only: latent channels past the image's (channel 3 of 4) start empty, not as copies")
+    p.add_argument("--pixel-loss", choices=("l1", "l2"), default="l1",
+                   help="the NLL's reconstruction term: l1 (Laplace, LDM's) or l2 (Gaussian: squared error, what PSNR scores)")
+    p.add_argument("--augment", action="store_true",
+                   help="--data photos-aug: crops also rotated by multiples of 90 degrees, colour channels shuffled")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/ae_recipe")
     return p.parse_args(argv)
@@ -65,10 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_variant(args: argparse.Namespace, shortcut: str, lr: float) -> dict:
     """One train-autoencoder run for args.minutes, then the held-out photos."""
     out = Path(args.out) / shortcut
-    argv = ["--preset", args.preset, "--shortcut", shortcut, "--data", "photos",
+    argv = ["--preset", args.preset, "--shortcut", shortcut, "--data", "photos-aug" if args.augment else "photos",
             "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--lr", str(lr),
             "--lr-warmup-steps", str(args.lr_warmup_steps), "--betas", *map(str, args.betas),
-            "--perceptual-weight", str(args.perceptual_weight), "--disc-start", str(args.disc_start),
+            "--perceptual-weight", str(args.perceptual_weight), "--pixel-loss", args.pixel_loss, "--disc-start", str(args.disc_start),
             "--steps", str(NEVER), "--max-minutes", str(args.minutes), "--seed", str(args.seed),
             "--sample-every", "500", "--ckpt-every", "500", "--log-every", "25", "--out", str(out)]
     if args.perceptual_weight == 0:
@@ -101,7 +105,9 @@ def render(report: dict) -> str:
              f"crops {a['image_size']}, batch {a['batch_size']}, Adam betas {tuple(a['betas'])}, lr warm-up "
              f"{a['lr_warmup_steps']} steps, perceptual weight "
              f"{a['perceptual_weight']:g}, disc_start {a['disc_start'] if a['disc_start'] < NEVER else 'never'}"
-             f"{', free latent channels' if a.get('free_latent_channels') else ''}.", "",
+             f"{', free latent channels' if a.get('free_latent_channels') else ''}"
+             f"{', crops rotated and colour channels shuffled (photos-aug)' if a.get('augment') else ''}"
+             f"{', squared-error (l2) pixel loss' if a.get('pixel_loss', 'l1') == 'l2' else ''}.", "",
              "| shortcut | lr | params | steps | minutes | precision | image | PSNR dB | SSIM | floor PSNR | floor SSIM |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["runs"]:

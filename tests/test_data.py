@@ -96,6 +96,24 @@ def test_photo_crops_reproducible():
         data.PhotoCrops(size=1024, names=("chelsea",))
 
 
+def test_photo_crops_augment_rotates_and_shuffles_channels_only():
+    """augment=True: each item is the plain item turned by k * 90 degrees with its colour channels reordered;
+    augment=False items are unchanged by the option's existence (the extra draws come last)."""
+    import itertools
+    plain = data.PhotoCrops(size=32, length=40, names=("chelsea", "coffee"), seed=3)
+    aug = data.PhotoCrops(size=32, length=40, names=("chelsea", "coffee"), seed=3, augment=True)
+    seen = set()
+    for i in range(len(plain)):
+        found = [(k, p) for k in range(4) for p in itertools.permutations(range(3))
+                 if torch.equal(aug[i], plain[i].rot90(k, dims=(1, 2))[list(p)])]
+        assert found, f"item {i} is not a rotation + channel order of the plain crop"
+        seen.add(found[0])
+    assert len({k for k, _ in seen}) == 4 and len({p for _, p in seen}) >= 4  # the draws vary
+    assert torch.equal(aug[5], data.PhotoCrops(32, 40, ("chelsea", "coffee"), seed=3, augment=True)[5])
+    from ldm_scratch.cli.flags import build_data  # the command line's name for it
+    assert build_data("photos-aug", 32, 0).augment and not build_data("photos", 32, 0).augment
+
+
 def test_area_downsample():
     img = torch.tensor([[[0, 2], [4, 6]]], dtype=torch.uint8).expand(3, 2, 2)
     assert data.area_downsample(img, 2).flatten().tolist() == [3, 3, 3]  # mean of 0, 2, 4, 6

@@ -153,6 +153,24 @@ def test_nll_is_a_sum_over_pixels_divided_by_batch(x):
     assert {"total", "l1", "perceptual", "rec", "nll", "kl", "g_loss", "d_weight", "logvar"} <= set(logs)
 
 
+def test_l2_pixel_loss_is_the_gaussian_nll(x):
+    """pixel_loss="l2": sum(((x - x_rec)^2 + w p) / exp(logvar) + logvar / 2) / B, whose best logvar is
+    log(2 * mean squared error), the Gaussian NLL with variance exp(logvar) / 2; an unknown name is refused."""
+    ae, loss_fn = make(kl_weight=0.0, logvar_init=0.5, pixel_loss="l2", perceptual_net="none")
+    x_rec, post = ae(x)
+    _, logs = loss_fn.generator_loss(x, x_rec, post, 0, ae.last_layer)
+    manual = ((x - x_rec).square() / math.exp(0.5) + 0.25).sum() / x.shape[0]
+    assert logs["nll"] == pytest.approx(manual.item(), rel=1e-5)
+    assert logs["rec"] == pytest.approx((x - x_rec).square().mean().item(), rel=1e-5)
+    mse = (x - x_rec).square().mean().item()
+    grid = torch.linspace(math.log(mse) - 2, math.log(mse) + 3, 501)
+    with torch.no_grad():
+        nlls = [float(((x - x_rec).square() / math.exp(g) + g / 2).sum()) for g in grid]
+    assert grid[int(torch.tensor(nlls).argmin())].item() == pytest.approx(math.log(2 * mse), abs=0.02)
+    with pytest.raises(ValueError, match="pixel_loss"):
+        make(pixel_loss="l3")
+
+
 def test_optimizer_must_train_logvar(x):
     ae, loss_fn = make()
     with pytest.raises(ValueError, match="logvar"):

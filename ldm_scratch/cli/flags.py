@@ -103,7 +103,8 @@ def apply_flags(cfg: Any, args: argparse.Namespace) -> Any:
 def build_data(name: str, image_size: int | None, seed: int,
                data_dir: str | None = None) -> torch.utils.data.Dataset:
     """The training images of --data: mnist5k (1 x 32 x 32 digits), colored (3 x 32 x 32 captioned
-    coloured digits), photos (random 3 x S x S crops) or folder (the user's own images)."""
+    coloured digits), photos (random 3 x S x S crops; photos-aug adds 90-degree rotations and shuffled colour
+    channels) or folder (the user's own images)."""
     from ldm_scratch import data
     if name == "mnist5k":
         return data.MNIST5k("train", pad_to=image_size or 32)
@@ -115,8 +116,8 @@ def build_data(name: str, image_size: int | None, seed: int,
             raise ValueError(f"--data colored is {data.ColoredDigits.SIZE} x {data.ColoredDigits.SIZE}; "
                              f"got --image-size {image_size}")
         return data.ColoredDigits("train")
-    if name == "photos":
-        return data.PhotoCrops(size=image_size or 64, length=PHOTO_CROPS, seed=seed)
+    if name in ("photos", "photos-aug"):
+        return data.PhotoCrops(size=image_size or 64, length=PHOTO_CROPS, seed=seed, augment=name == "photos-aug")
     if name == "folder":
         from ldm_scratch.loaders import ImageFolder
         if not data_dir:
@@ -125,4 +126,4 @@ def build_data(name: str, image_size: int | None, seed: int,
     raise ValueError(f"unknown data {name!r}; valid: {', '.join(DATASETS)}")
 
 
-DATASETS = ("mnist5k", "colored", "photos", "folder")
+DATASETS = ("mnist5k", "colored", "photos", "photos-aug", "folder")
