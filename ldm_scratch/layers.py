@@ -75,13 +75,21 @@ class ResnetBlock(nn.Module):
 # matmuls with the softmax in fp32 made those steps 1.3-3.5x faster. Above this many query x key
 # pairs the plain path's (N, M) score matrix costs more memory than the fused kernel saves time, so
 # large maps (e.g. SD's 64 x 64 = 4096 positions) keep the fused kernel. Set False to always fuse.
-# Without autograd (sampling) there is no backward, and the fused forward wins from about 64 tokens on:
-# 1,000 guided latent U-Net samples (its 8 x 8 = 64-position attention) took 33 s fused against 45 s
-# plain on a 2-core AMD EPYC with AVX512-BF16 (1.2-1.5x on an Intel Xeon too), while the DiT's 16 tokens
-# ran 15-16 s plain against 17-19 s fused (scripts/sample_throughput.py --fused-attention, README "Speed").
+# Without autograd (sampling) there is no backward, and what is fastest depends on the map's size. The fp32
+# copy of the scores is the plain path's cost there: at 64 x 64 pairs and a sampling batch it made the plain
+# path slower than the fused kernel (1,000 guided latent U-Net samples, 8 x 8 = 64 positions: 45 s plain, 33 s
+# fused, 2-core AMD EPYC with AVX512-BF16). It buys nothing without a backward: torch's CPU softmax of a bf16
+# tensor accumulates in fp32 and rounds once, the same values (tests/test_levers.py). So, without autograd:
+# fewer than NO_GRAD_BF16_SOFTMAX_MIN_PAIRS pairs (the DiT's 16 tokens), the plain path as in training (its
+# fp32 softmax measured faster on such short rows); up to NO_GRAD_BF16_SOFTMAX_MAX_PAIRS (64 tokens), the plain
+# path with the softmax in bf16: 2.2x faster than the fused kernel per call at (250, 4 heads, 64, 12), 1.9-2.9x
+# at head widths 12-64, 2 threads of that AMD; beyond (128 tokens and up) the fused kernel, 2-5x faster there.
+# 1,000 guided latent U-Net samples, 50 DDIM steps, batches of 256: 27.8 -> 24.3 s (README "Speed").
 CPU_BF16_PLAIN_ATTENTION = True
 PLAIN_ATTENTION_MAX_PAIRS = 1024 * 1024
 FUSED_NO_GRAD_MIN_PAIRS = 1024
+NO_GRAD_BF16_SOFTMAX_MIN_PAIRS = FUSED_NO_GRAD_MIN_PAIRS
+NO_GRAD_BF16_SOFTMAX_MAX_PAIRS = 64 * 64
 # True: every call takes the plain matmuls. metrics.count_flops sets it while counting, because
 # torch's FLOP counter has no formula for the CPU fused kernel and would count attention as 0.
 PLAIN_ATTENTION_EVERYWHERE = False
@@ -95,20 +103,29 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     Vaswani et al. 2017, Eq. 1. The same maths either way; only the kernel differs (see above).
     plain: None chooses as above; True / False force the plain matmuls / the fused kernel (tests, bench).
     """
+    pairs = q.shape[-2] * k.shape[-2]
+    # sampling-sized and short enough for the plain path with the softmax left in bf16 (see above)
+    bf16_softmax = (not torch.is_grad_enabled() and q.dtype == torch.bfloat16
+                    and NO_GRAD_BF16_SOFTMAX_MIN_PAIRS <= pairs <= NO_GRAD_BF16_SOFTMAX_MAX_PAIRS)
     if plain is None:
-        pairs = q.shape[-2] * k.shape[-2]
-        sampling_sized = not torch.is_grad_enabled() and pairs >= FUSED_NO_GRAD_MIN_PAIRS
+        fused_no_grad = not torch.is_grad_enabled() and pairs >= FUSED_NO_GRAD_MIN_PAIRS and not bf16_softmax
         plain = PLAIN_ATTENTION_EVERYWHERE or (CPU_BF16_PLAIN_ATTENTION and q.device.type == "cpu" and q.dtype == torch.bfloat16
-                 and pairs <= PLAIN_ATTENTION_MAX_PAIRS and not sampling_sized)
+                 and pairs <= PLAIN_ATTENTION_MAX_PAIRS and not fused_no_grad)
     if not plain:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    # softmax(Q K^T / sqrt(d)) V
+    return _plain(q, k, v, mask, bf16_softmax)
+
+
+def _plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           bf16_softmax: bool) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d)) V as two matmuls; the softmax in fp32 unless bf16_softmax (same forward values)."""
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, heads, N, d) @ (B, heads, d, M) -> (B, heads, N, M)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))  # weight exactly 0 after the softmax
-    # the softmax in fp32: exp amplifies bf16's ~3-digit rounding of the scores
-    weights = scores.float().softmax(dim=-1).to(v.dtype)
+    # training keeps the fp32 copy (dropping it would save about 3% of a latent U-Net step, from per-call timings)
+    weights = scores.softmax(dim=-1) if bf16_softmax else scores.float().softmax(dim=-1).to(v.dtype)
     return weights @ v  # (B, heads, N, M) @ (B, heads, M, d) -> (B, heads, N, d)
+
 
 
 class SelfAttention2d(nn.Module):

@@ -25,12 +25,19 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--guidance-scale", type=float, default=3.0)
     p.add_argument("--compile", action="store_true", help="sample through pipe.compile() (device.CompiledForSampling)")
+    p.add_argument("--previous-attention", action="store_true",
+                   help="without autograd, the fused kernel from 1,024 query x key pairs on, as before 2026-12-07 "
+                        "(layers.NO_GRAD_BF16_SOFTMAX_MAX_PAIRS = 0: no plain path with the softmax in bf16)")
+    p.add_argument("--compare-attention-rules", type=int, default=0, metavar="K",
+                   help="in this one process, K alternating pairs of timed calls: the previous rule, then today's")
     p.add_argument("--fused-attention", action="store_true",
                    help="PyTorch's fused attention kernel under CPU bf16 too (layers.CPU_BF16_PLAIN_ATTENTION = False)")
     a = p.parse_args()
     torch.set_num_threads(a.legacy_threads or a.threads)
     if a.fused_attention:
         layers.CPU_BF16_PLAIN_ATTENTION = False
+    if a.previous_attention:
+        layers.NO_GRAD_BF16_SOFTMAX_MAX_PAIRS = 0
     pipe = LatentDiffusionPipeline.from_pretrained(a.pipeline)
     sampler = a.sampler or pipe.objective.sampler_names[0]
     labels = torch.arange(10).repeat_interleave((a.images + 9) // 10)[:a.images]
@@ -43,6 +50,9 @@ def main() -> None:
     if a.compile:
         print(f"warm-up with compiling: {time.perf_counter() - start:.1f} s (compiled shapes, s: "
               f"{[round(s, 1) for s in pipe.compiled.compile_seconds]}; fallback: {pipe.compiled.fallback})")
+    if a.compare_attention_rules:
+        compare_attention_rules(pipe, labels, sampler, a)
+        return
     t = time.perf_counter()
     out = pipe(class_labels=labels.tolist(), num_inference_steps=a.steps, guidance_scale=a.guidance_scale,
                sampler=sampler, output_type="tensor", generator=torch.Generator().manual_seed(0),
@@ -50,9 +60,31 @@ def main() -> None:
     dt = time.perf_counter() - t
     print(f"{a.pipeline}: {a.images} images x {a.steps} {sampler} steps ({pipe.objective.name}, guidance "
           f"{a.guidance_scale:g}, decode included{', compiled' if a.compile else ''}"
-          f"{', fused attention' if a.fused_attention else ''}): {dt:.1f} s on "
+          f"{', fused attention' if a.fused_attention else ''}"
+          f"{', previous attention rule' if a.previous_attention else ''}, batches of {a.batch_size}): {dt:.1f} s on "
           f"{torch.get_num_threads()} threads; "
           f"images {tuple(out.images.shape)}")
+
+
+def compare_attention_rules(pipe: LatentDiffusionPipeline, labels: torch.Tensor, sampler: str,
+                            a: argparse.Namespace) -> None:
+    """Alternate the previous no-grad attention rule (fused kernel from 1,024 pairs) and today's (plain with the
+    softmax in bf16 up to 64 x 64 pairs) in one process, so both see the same machine state; one line per call."""
+    today, times = layers.NO_GRAD_BF16_SOFTMAX_MAX_PAIRS, {"previous": [], "today": []}
+    for _ in range(a.compare_attention_rules):
+        for rule, max_pairs in (("previous", 0), ("today", today)):
+            layers.NO_GRAD_BF16_SOFTMAX_MAX_PAIRS = max_pairs
+            t = time.perf_counter()
+            pipe(class_labels=labels.tolist(), num_inference_steps=a.steps, guidance_scale=a.guidance_scale,
+                 sampler=sampler, output_type="tensor", generator=torch.Generator().manual_seed(0),
+                 batch_size=a.batch_size)
+            times[rule].append(time.perf_counter() - t)
+            print(f"{rule} rule: {times[rule][-1]:.1f} s", flush=True)
+    layers.NO_GRAD_BF16_SOFTMAX_MAX_PAIRS = today
+    prev, now = (sorted(times[k])[len(times[k]) // 2] for k in ("previous", "today"))
+    print(f"{a.pipeline}: {len(labels)} images x {a.steps} {sampler} steps, batches of {a.batch_size}, "
+          f"{torch.get_num_threads()} threads; median previous rule {prev:.1f} s, today's {now:.1f} s "
+          f"({prev / now:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -149,9 +149,11 @@ def test_plain_attention_is_the_cpu_bf16_default_and_the_patch_restores_it():
     torch.testing.assert_close(fused.float(), plain.float(), atol=0.03, rtol=0.03)
 
 
-def test_sampling_sized_attention_takes_the_fused_kernel_without_autograd(monkeypatch):
-    """Under no_grad, maps of at least FUSED_NO_GRAD_MIN_PAIRS query x key pairs take the fused kernel
-    (faster forward, measured); with autograd, and for fewer pairs, the plain path stays."""
+def test_attention_without_autograd_by_map_size(monkeypatch):
+    """Under no_grad on the CPU in bf16: maps of NO_GRAD_BF16_SOFTMAX_MIN_PAIRS..MAX_PAIRS query x key pairs (the
+    latent U-Net's 8 x 8 = 64 positions) take the plain matmuls with the softmax left in bf16, larger maps the fused
+    kernel, smaller ones the plain path with the fp32 softmax (each the fastest, measured); with autograd on, the
+    plain fp32-softmax path for all three."""
     calls = []
     real_sdpa = layers.F.scaled_dot_product_attention
 
@@ -161,15 +163,29 @@ def test_sampling_sized_attention_takes_the_fused_kernel_without_autograd(monkey
 
     monkeypatch.setattr(layers.F, "scaled_dot_product_attention", counting_sdpa)
     g = torch.Generator().manual_seed(0)
-    big = [torch.randn(2, 2, 64, 8, generator=g).bfloat16() for _ in range(3)]  # 64 x 64 = 4096 pairs
-    small = [torch.randn(2, 2, 16, 8, generator=g).bfloat16() for _ in range(3)]  # 256 pairs
-    assert 16 * 16 < layers.FUSED_NO_GRAD_MIN_PAIRS <= 64 * 64
-    layers.attention(*big)
-    layers.attention(*small)
-    assert calls == []  # with autograd on: the plain path for both
+    qkv = {n: [torch.randn(2, 2, n, 8, generator=g).bfloat16() for _ in range(3)] for n in (16, 64, 128)}
+    assert 16 * 16 < layers.NO_GRAD_BF16_SOFTMAX_MIN_PAIRS <= 64 * 64 <= layers.NO_GRAD_BF16_SOFTMAX_MAX_PAIRS < 128 * 128
+    for n in qkv:
+        layers.attention(*qkv[n])
+    assert calls == []  # with autograd on: the plain path for all
     with torch.no_grad():
-        fused = layers.attention(*big)
-        layers.attention(*small)
-        assert calls == [64]  # only the 64-token map was fused
-        plain = layers.attention(*big, plain=True)
-    torch.testing.assert_close(fused.float(), plain.float(), atol=0.03, rtol=0.03)
+        out = {n: layers.attention(*qkv[n]) for n in qkv}
+        assert calls == [128]  # only the 128-token map was fused
+        plain = {n: layers.attention(*qkv[n], plain=True) for n in qkv}
+    torch.testing.assert_close(out[128].float(), plain[128].float(), atol=0.03, rtol=0.03)
+    assert torch.equal(out[16], plain[16])
+
+
+def test_softmax_in_bf16_equals_softmax_in_fp32_then_rounded():
+    """Why the no-grad path may skip the fp32 copy of the scores: torch's CPU softmax of a bf16 tensor accumulates
+    in fp32 and rounds once, so it matches softmax(scores.float()).bfloat16() (to one bf16 rounding: exp and the
+    division may be vectorised differently on another CPU), and so does the attention built on it."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = ((torch.randn(4, 4, 64, 12, generator=g) * 3).bfloat16() for _ in range(3))
+    scores = (q @ k.transpose(-2, -1)) * 12 ** -0.5
+    torch.testing.assert_close(scores.softmax(-1).float(), scores.float().softmax(-1).bfloat16().float(),
+                               atol=0, rtol=2 ** -8)
+    with torch.no_grad():
+        fast = layers.attention(q, k, v)  # 4096 pairs: the bf16-softmax path
+    ref = layers._plain(q, k, v, None, bf16_softmax=False)
+    torch.testing.assert_close(fast.float(), ref.float(), atol=2 ** -6, rtol=2 ** -7)
