@@ -27,7 +27,8 @@ REBUILD = "python scripts/train_stage1_weights.py"
 PRETRAINED_AUTOENCODERS: dict[str, tuple[str, str]] = {
     "mnist-f4": ("ae_mnist_f4", "MNIST-5k digits 1 x 32 x 32 -> latents 4 x 8 x 8 (mnist-f4-res: residual, "
                               "scale-equivariant, f = 4)"),
-    "colored-f4": ("ae_colored_f4", "captioned coloured digits 3 x 32 x 32 -> latents 4 x 8 x 8 (small-f4, f = 4)"),
+    "colored-f4": ("ae_colored_f4", "captioned coloured digits 3 x 32 x 32 -> latents 4 x 8 x 8 (colored-f4-res: "
+                                    "residual, f = 4)"),
     "photo-f8c4": ("ae_photo_f8c4", "RGB photos 3 x H x W -> latents 4 x H/8 x W/8 (photo-f8c4, residual, f = 8; "
                                     "SD's 48x compression)"),
 }

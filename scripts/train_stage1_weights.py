@@ -101,7 +101,11 @@ RECIPES = {
                    # must draw it; every run of at most 700 steps read all three textures as brick (docs/
                    # stage1_weights_trials.md), and only the discriminator, given thousands of steps, teaches it.
                    "long": Recipe("small-f4", "colored", steps=6000, batch_size=32, lr=2e-4, disc_start=200,
-                                  extra=("--perceptual-weight", "0.1"))},
+                                  extra=("--perceptual-weight", "0.1")),
+                   # "residual-long": the long recipe on the residual layout (its lr), which at 600 steps already
+                   # drew better than the plain layout at 1,500 (docs/stage1_weights_trials.md)
+                   "residual-long": Recipe("colored-f4-res", "colored", steps=6000, batch_size=32, lr=1e-4,
+                                           disc_start=200, extra=("--perceptual-weight", "0.1"))},
 }
 # The recipe each model ships with: residual only where it met the aims below AND the denoisers downstream did
 # not get worse (docs/stage1_weights_trials.md). mnist-f4's residual recipe met the reconstruction aims but was
@@ -109,7 +113,7 @@ RECIPES = {
 # w = 3: accuracy 0.968 / FID 78.3 vs 0.992 / 71.9 on the plain model's latents), with or without a shift factor.
 # Since 2026-12-07 it ships "residual-se": the same recipe with scale equivariance, whose latents both denoisers
 # learn better than the plain codec's (scripts/codec_downstream.py; the numbers are in the trials document).
-SHIPPED = {"mnist-f4": "residual-se", "colored-f4": "long"}
+SHIPPED = {"mnist-f4": "residual-se", "colored-f4": "residual-long"}
 SNAPSHOTS = 4  # reconstruction grids and checkpoints per run
 # float16 keeps ~3 significant digits per weight; we accept it only if the held-out reconstructions
 # move by less than this (a PSNR difference far below what an eye or a diffusion model could notice).

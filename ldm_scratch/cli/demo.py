@@ -1,10 +1,10 @@
 """`python -m ldm_scratch demo`: the main job, text-to-image latent diffusion trained from nothing on the
 shipped captioned coloured digits (Rombach et al. 2022: stage 1 Sec. 3, stage 2 Sec. 3.3 and 4.3).
 
-  1. stage 1   the small-f4 KL autoencoder, 3 x 32 x 32 -> 4 x 8 x 8: by default the shipped `colored-f4`
-               (pretrained.py; trained by scripts/train_stage1_weights.py on the same data for about an hour,
-               which a codec needs before its decoder draws the grass and gravel grain); `--stage1 train`
-               trains a fresh one here in ~3 minutes instead   (train-autoencoder --data colored)
+  1. stage 1   a KL autoencoder, 3 x 32 x 32 -> 4 x 8 x 8: by default the shipped `colored-f4` (pretrained.py;
+               residual, trained by scripts/train_stage1_weights.py on the same data for 6,000 steps, about 40
+               minutes on one thread, which a codec needs before its decoder draws the grass and gravel grain);
+               `--stage1 train` trains a fresh small-f4 here in ~3 minutes instead (train-autoencoder --data colored)
   2. stage 2   a text-conditioned latent U-Net on the cached latents, its text encoder trained jointly,
                captions dropped to "" with p_uncond 0.1 for classifier-free guidance
                                                    (train-diffusion --space latent --conditioning text)
@@ -61,7 +61,7 @@ def add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="about 2 minutes in all instead of about 11")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--stage1", choices=("shipped", "train"), default="shipped",
-                   help="the autoencoder: the shipped colored-f4 (default; trained for about an hour by "
+                   help="the autoencoder: the shipped colored-f4 (default; trained for about 40 minutes by "
                         "scripts/train_stage1_weights.py) or one trained here from scratch in about 3 minutes")
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every step count (tests use 0.1)")
     p.add_argument("--minutes-scale", type=float, default=1.0,
