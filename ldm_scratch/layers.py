@@ -254,7 +254,18 @@ class ResidualDownsample(Downsample):
 
 
 class ResidualUpsample(Upsample):
-    """SD's nearest-upsample + conv plus the channel-to-space shortcut (same parameters as Upsample)."""
+    """SD's nearest-upsample + conv plus a parameter-free shortcut (same parameters as Upsample): DC-AE's
+    channel-to-space one (mode "nearest"), or bicubic interpolation at the same width (mode "bicubic")."""
+
+    def __init__(self, channels: int, mode: str = "nearest"):
+        super().__init__(channels)
+        if mode not in ("nearest", "bicubic"):
+            raise ValueError(f"unknown upsampling shortcut {mode!r}; valid: nearest, bicubic")
+        self.mode = mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) + channel_to_space_shortcut(x)  # (B, C, H, W) -> (B, C, 2H, 2W)
+        if self.mode == "bicubic":
+            short = F.interpolate(x, scale_factor=2, mode="bicubic", align_corners=False)
+        else:
+            short = channel_to_space_shortcut(x)
+        return super().forward(x) + short  # (B, C, H, W) -> (B, C, 2H, 2W)

@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="residual only: latent channels past the image's (channel 3 of 4) start empty, not as copies")
     p.add_argument("--pixel-loss", choices=("l1", "l2"), default="l1",
                    help="the NLL's reconstruction term: l1 (Laplace, LDM's) or l2 (Gaussian: squared error, what PSNR scores)")
+    p.add_argument("--up-shortcut", choices=("nearest", "bicubic"), default="nearest",
+                   help="residual only: the decoder's upsampling shortcut (bicubic: the untrained codec is the floor)")
     p.add_argument("--augment", action="store_true",
                    help="--data photos-aug: crops also rotated by multiples of 90 degrees, colour channels shuffled")
     p.add_argument("--seed", type=int, default=0)
@@ -79,6 +81,8 @@ def run_variant(args: argparse.Namespace, shortcut: str, lr: float) -> dict:
         argv += ["--perceptual-net", "none"]
     if args.free_latent_channels and shortcut == "residual":
         argv += ["--free-latent-channels"]
+    if args.up_shortcut != "nearest" and shortcut == "residual":
+        argv += ["--up-shortcut", args.up_shortcut]
     print(f"\n== {shortcut}: train-autoencoder {' '.join(argv)}", flush=True)
     res = train_autoencoder(train_autoencoder_parser().parse_args(argv))
     model = res.pop("task").ae.eval()
@@ -92,6 +96,7 @@ def step0_codec(args: argparse.Namespace) -> dict:
     """The residual model before training: exactly the non-learned area-down / nearest-up codec."""
     cfg = get_preset(AUTOENCODER_PRESETS, args.preset)
     cfg.shortcut, cfg.free_latent_channels = "residual", args.free_latent_channels
+    cfg.up_shortcut = args.up_shortcut
     model = AutoencoderKL(cfg).eval()
     return {"shortcut": "residual", "lr": 0.0, "steps": 0, "minutes": 0.0, "precision": "-",
             "params": sum(p.numel() for p in model.parameters()),
@@ -107,7 +112,8 @@ def render(report: dict) -> str:
              f"{a['perceptual_weight']:g}, disc_start {a['disc_start'] if a['disc_start'] < NEVER else 'never'}"
              f"{', free latent channels' if a.get('free_latent_channels') else ''}"
              f"{', crops rotated and colour channels shuffled (photos-aug)' if a.get('augment') else ''}"
-             f"{', squared-error (l2) pixel loss' if a.get('pixel_loss', 'l1') == 'l2' else ''}.", "",
+             f"{', squared-error (l2) pixel loss' if a.get('pixel_loss', 'l1') == 'l2' else ''}"
+             f"{', bicubic up-shortcuts' if a.get('up_shortcut', 'nearest') == 'bicubic' else ''}.", "",
              "| shortcut | lr | params | steps | minutes | precision | image | PSNR dB | SSIM | floor PSNR | floor SSIM |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["runs"]:
@@ -116,7 +122,7 @@ def render(report: dict) -> str:
                          f"{r['precision']} | {img} | {v['psnr']:.2f} | {v['ssim']:.3f} | {v['floor_psnr']:.2f} | "
                          f"{v['floor_ssim']:.3f} |")
     lines += ["", "Held-out full-size photos through the posterior mode; the floor is area-down by f, then "
-              "bicubic-up. The residual model at 0 steps is its non-learned codec (area-down, nearest-up).", ""]
+              "bicubic-up. The residual model at 0 steps is its non-learned codec (area-down, then nearest- or bicubic-up).", ""]
     return "\n".join(lines)
 
 

@@ -101,6 +101,27 @@ def test_zeroed_branches_are_exactly_the_codec(C, ch, ch_mult, c):
             assert torch.allclose(model(x, sample_posterior=False)[0], x_ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("C,ch_mult,c", [(3, (1, 2, 2, 2), 4), (1, (1, 2, 2), 4)])
+def test_bicubic_up_shortcut_decodes_by_repeated_bicubic_doubling(C, ch_mult, c):
+    """up_shortcut="bicubic": with the branches zeroed the encoder is unchanged (block means) and the decoder
+    doubles the block means by bicubic interpolation once per level (channel copies and means commute with it);
+    the SD layout refuses the option, and an unknown mode lists the valid ones."""
+    model = zero_residual_branches(perturb(AutoencoderKL(cfg(C=C, ch_mult=ch_mult, c=c, up_shortcut="bicubic")))).eval()
+    f = model.cfg.f
+    x = torch.rand(2, C, 2 * f, 3 * f) * 2 - 1
+    z_ref, _ = codec(x, f, c)
+    x_ref = F.avg_pool2d(x, f)
+    for _ in range(len(ch_mult) - 1):
+        x_ref = F.interpolate(x_ref, scale_factor=2, mode="bicubic", align_corners=False)
+    with torch.no_grad():
+        assert torch.allclose(model.encode(x).mean, z_ref, atol=1e-6)
+        assert torch.allclose(model(x, sample_posterior=False)[0], x_ref, atol=1e-5)
+    with pytest.raises(ValueError, match="residual"):
+        cfg("none", up_shortcut="bicubic")
+    with pytest.raises(ValueError, match="valid values: nearest, bicubic"):
+        cfg(up_shortcut="bilinear")
+
+
 @pytest.mark.parametrize("C,ch_mult,c", [(3, (1, 2, 2, 2), 4), (3, (1, 2, 2), 5), (3, (1, 2, 2, 2, 4), 16)])
 def test_free_latent_channels_start_empty_and_are_not_read_by_the_shortcut(C, ch_mult, c):
     """free_latent_channels: the channels past m = C floor(c / C) hold 0 (not a copy of colour k mod C), the first
