@@ -84,7 +84,7 @@ class ResnetBlock(nn.Module):
 # fp32 softmax measured faster on such short rows); up to NO_GRAD_BF16_SOFTMAX_MAX_PAIRS (64 tokens), the plain
 # path with the softmax in bf16: 2.2x faster than the fused kernel per call at (250, 4 heads, 64, 12), 1.9-2.9x
 # at head widths 12-64, 2 threads of that AMD; beyond (128 tokens and up) the fused kernel, 2-5x faster there.
-# 1,000 guided latent U-Net samples, 50 DDIM steps, batches of 256: 27.8 -> 24.3 s (README "Speed").
+# 1,000 guided latent U-Net samples, 50 DDIM steps, batches of 256: 28.7 -> 25.3 s (README "Speed").
 CPU_BF16_PLAIN_ATTENTION = True
 PLAIN_ATTENTION_MAX_PAIRS = 1024 * 1024
 FUSED_NO_GRAD_MIN_PAIRS = 1024

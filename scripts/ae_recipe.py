@@ -25,7 +25,8 @@ import torch
 
 from ldm_scratch.autoencoder import AutoencoderKL
 from ldm_scratch.cli.stage1 import machine_info, train_autoencoder, train_autoencoder_parser
-from ldm_scratch.config import AUTOENCODER_PRESETS, SHORTCUTS, get_preset
+from ldm_scratch.config import AUTOENCODER_PRESETS, SHORTCUTS, UP_SHORTCUTS, get_preset
+from ldm_scratch.losses import PIXEL_LOSSES
 from ldm_scratch.data import HELDOUT_PHOTOS
 from ldm_scratch.stage1 import evaluate_photo
 
@@ -57,9 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--disc-start", type=int, default=NEVER, help="step the discriminator joins (default: never)")
     p.add_argument("--free-latent-channels", action="store_true",
                    help="residual only: latent channels past the image's (channel 3 of 4) start empty, not as copies")
-    p.add_argument("--pixel-loss", choices=("l1", "l2"), default="l1",
+    p.add_argument("--pixel-loss", choices=PIXEL_LOSSES, default="l1",
                    help="the NLL's reconstruction term: l1 (Laplace, LDM's) or l2 (Gaussian: squared error, what PSNR scores)")
-    p.add_argument("--up-shortcut", choices=("nearest", "bicubic"), default="nearest",
+    p.add_argument("--up-shortcut", choices=UP_SHORTCUTS, default="nearest",
                    help="residual only: the decoder's upsampling shortcut (bicubic: the untrained codec is the floor)")
     p.add_argument("--augment", action="store_true",
                    help="--data photos-aug: crops also rotated by multiples of 90 degrees, colour channels shuffled")
