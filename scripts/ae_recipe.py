@@ -25,7 +25,7 @@ import torch
 
 from ldm_scratch.autoencoder import AutoencoderKL
 from ldm_scratch.cli.stage1 import machine_info, train_autoencoder, train_autoencoder_parser
-from ldm_scratch.config import AUTOENCODER_PRESETS, SHORTCUTS, UP_SHORTCUTS, get_preset
+from ldm_scratch.config import AUTOENCODER_PRESETS, SHORTCUTS, UP_SHORTCUTS, AutoencoderConfig, get_preset
 from ldm_scratch.losses import PIXEL_LOSSES
 from ldm_scratch.data import HELDOUT_PHOTOS
 from ldm_scratch.stage1 import evaluate_photo
@@ -64,26 +64,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="residual only: the decoder's upsampling shortcut (bicubic: the untrained codec is the floor)")
     p.add_argument("--augment", action="store_true",
                    help="--data photos-aug: crops also rotated by multiples of 90 degrees, colour channels shuffled")
+    p.add_argument("--steps", type=int, default=None,
+                   help="a step count instead of the wall clock (say, what 2 idle threads do in --minutes, for a run "
+                        "that shares the machine); --minutes is then not a limit")
+    p.add_argument("--ch", type=int, default=None, help="capacity: the preset's base width, replaced")
+    p.add_argument("--ch-mult", type=int, nargs="+", default=None, help="capacity: the preset's width multipliers, replaced")
+    p.add_argument("--num-res-blocks", type=int, default=None, help="capacity: the preset's blocks per level, replaced")
+    p.add_argument("--norm-groups", type=int, default=None, help="GroupNorm groups (layers.Normalize clips them to a divisor of each width)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/ae_recipe")
     return p.parse_args(argv)
 
 
-def run_variant(args: argparse.Namespace, shortcut: str, lr: float) -> dict:
-    """One train-autoencoder run for args.minutes, then the held-out photos."""
+def variant_argv(args: argparse.Namespace, shortcut: str, lr: float) -> list[str]:
+    """The train-autoencoder command line of one variant."""
     out = Path(args.out) / shortcut
     argv = ["--preset", args.preset, "--shortcut", shortcut, "--data", "photos-aug" if args.augment else "photos",
             "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--lr", str(lr),
             "--lr-warmup-steps", str(args.lr_warmup_steps), "--betas", *map(str, args.betas),
             "--perceptual-weight", str(args.perceptual_weight), "--pixel-loss", args.pixel_loss, "--disc-start", str(args.disc_start),
-            "--steps", str(NEVER), "--max-minutes", str(args.minutes), "--seed", str(args.seed),
+            "--steps", str(args.steps or NEVER), "--max-minutes", str(NEVER if args.steps else args.minutes),
+            "--seed", str(args.seed),
             "--sample-every", "500", "--ckpt-every", "500", "--log-every", "25", "--out", str(out)]
     if args.perceptual_weight == 0:
         argv += ["--perceptual-net", "none"]
+    argv += arch_flags(args)
     if args.free_latent_channels and shortcut == "residual":
         argv += ["--free-latent-channels"]
     if args.up_shortcut != "nearest" and shortcut == "residual":
         argv += ["--up-shortcut", args.up_shortcut]
+    return argv
+
+
+def run_variant(args: argparse.Namespace, shortcut: str, lr: float) -> dict:
+    """One train-autoencoder run for args.minutes (or args.steps), then the held-out photos."""
+    argv = variant_argv(args, shortcut, lr)
     print(f"\n== {shortcut}: train-autoencoder {' '.join(argv)}", flush=True)
     res = train_autoencoder(train_autoencoder_parser().parse_args(argv))
     model = res.pop("task").ae.eval()
@@ -93,12 +108,30 @@ def run_variant(args: argparse.Namespace, shortcut: str, lr: float) -> dict:
             "metrics": metrics}
 
 
-def step0_codec(args: argparse.Namespace) -> dict:
-    """The residual model before training: exactly the non-learned area-down / nearest-up codec."""
+def arch_flags(args: argparse.Namespace) -> list[str]:
+    """train-autoencoder's architecture flags for the capacity overrides (they apply on top of --preset)."""
+    flags = [] if args.ch is None else ["--ch", str(args.ch)]
+    flags += [] if args.ch_mult is None else ["--ch-mult", *map(str, args.ch_mult)]
+    flags += [] if args.norm_groups is None else ["--norm-groups", str(args.norm_groups)]
+    return flags + ([] if args.num_res_blocks is None else ["--num-res-blocks", str(args.num_res_blocks)])
+
+
+def residual_config(args: argparse.Namespace) -> AutoencoderConfig:
+    """The residual variant's architecture: the preset with the shortcut and capacity flags applied."""
     cfg = get_preset(AUTOENCODER_PRESETS, args.preset)
     cfg.shortcut, cfg.free_latent_channels = "residual", args.free_latent_channels
     cfg.up_shortcut = args.up_shortcut
-    model = AutoencoderKL(cfg).eval()
+    for field in ("ch", "num_res_blocks", "norm_groups"):
+        if getattr(args, field) is not None:
+            setattr(cfg, field, getattr(args, field))
+    if args.ch_mult is not None:
+        cfg.ch_mult = tuple(args.ch_mult)
+    return cfg
+
+
+def step0_codec(args: argparse.Namespace) -> dict:
+    """The residual model before training: exactly the non-learned area-down / nearest-up codec."""
+    model = AutoencoderKL(residual_config(args)).eval()
     return {"shortcut": "residual", "lr": 0.0, "steps": 0, "minutes": 0.0, "precision": "-",
             "params": sum(p.numel() for p in model.parameters()),
             "metrics": {photo: evaluate_photo(model, photo) for photo in HELDOUT_PHOTOS}}
@@ -114,7 +147,9 @@ def render(report: dict) -> str:
              f"{', free latent channels' if a.get('free_latent_channels') else ''}"
              f"{', crops rotated and colour channels shuffled (photos-aug)' if a.get('augment') else ''}"
              f"{', squared-error (l2) pixel loss' if a.get('pixel_loss', 'l1') == 'l2' else ''}"
-             f"{', bicubic up-shortcuts' if a.get('up_shortcut', 'nearest') == 'bicubic' else ''}.", "",
+             f"{', bicubic up-shortcuts' if a.get('up_shortcut', 'nearest') == 'bicubic' else ''}"
+             f"{''.join(f', {k} {a[k]}' for k in ('ch', 'ch_mult', 'num_res_blocks', 'norm_groups') if a.get(k) is not None)}"
+             f"{', ' + str(a['steps']) + ' steps (not the wall clock)' if a.get('steps') else ''}.", "",
              "| shortcut | lr | params | steps | minutes | precision | image | PSNR dB | SSIM | floor PSNR | floor SSIM |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["runs"]:

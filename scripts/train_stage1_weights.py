@@ -31,7 +31,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -360,6 +360,8 @@ def main() -> None:
     p.add_argument("--runs-dir", default=str(ROOT / "runs" / "stage1_weights"))
     p.add_argument("--steps", type=int, default=None, help="override every trained model's step count (the "
                    "discriminator starts at the same fraction); default: each recipe's own")
+    p.add_argument("--seed", type=int, default=None, help="override every recipe's seed (a second-seed trial; "
+                   "use with --no-install and its own --runs-dir)")
     p.add_argument("--skip-train", action="store_true", help="evaluate (and install) finished runs only")
     p.add_argument("--resume", action="store_true", help="continue each run from its checkpoint.pt")
     p.add_argument("--recipe", choices=sorted(set().union(*RECIPES.values())), default=None,
@@ -377,6 +379,8 @@ def main() -> None:
         p.error(f"--recipe {args.recipe}: no such recipe for {', '.join(missing)} "
                 f"(theirs: {', '.join(sorted(set().union(*(RECIPES[n] for n in missing))))}); use --only")
     recipes = {name: RECIPES[name][args.recipe or SHIPPED[name]] for name in names}
+    if args.seed is not None:
+        recipes = {name: replace(r, seed=args.seed) for name, r in recipes.items()}
     steps = {name: args.steps or recipes[name].steps for name in names}
     previous = runs_dir / "report.json"
     earlier = read_json(previous)["runs"] if previous.is_file() else {}
