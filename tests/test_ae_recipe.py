@@ -9,15 +9,20 @@ from ldm_scratch.cli.stage1 import train_autoencoder_parser
 from ldm_scratch.cli.flags import apply_flags
 from ldm_scratch.config import AUTOENCODER_PRESETS, get_preset
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ae_recipe.py"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str):
+    """A script of scripts/ as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def recipe():
-    spec = importlib.util.spec_from_file_location("ae_recipe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("ae_recipe")
 
 
 def _cli_config(argv):
@@ -51,23 +56,17 @@ def test_steps_replace_the_wall_clock(recipe):
 
 # ----------------------------------------------------------------------------- scripts/photo_codec_errors.py
 
-ERRORS = Path(__file__).resolve().parents[1] / "scripts" / "photo_codec_errors.py"
-
-
 @pytest.fixture(scope="module")
 def errors():
-    spec = importlib.util.spec_from_file_location("photo_codec_errors", ERRORS)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("photo_codec_errors")
 
 
-def _step0_codec(f_levels=4):
+def _step0_codec(levels=4):
     """The untrained residual f = 8 codec: area-down, then nearest-up (every branch starts at zero)."""
     from ldm_scratch.config import AutoencoderConfig
     import torch
     torch.manual_seed(0)
-    return AutoencoderKL(AutoencoderConfig(in_channels=3, ch=8, ch_mult=(1,) * f_levels, num_res_blocks=1, z_channels=4,
+    return AutoencoderKL(AutoencoderConfig(in_channels=3, ch=8, ch_mult=(1,) * levels, num_res_blocks=1, z_channels=4,
                                            norm_groups=4, shortcut="residual")).eval()
 
 
