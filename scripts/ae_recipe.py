@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ldm_scratch.autoencoder import AutoencoderKL
+from ldm_scratch.cli.flags import apply_flags
 from ldm_scratch.cli.stage1 import machine_info, train_autoencoder, train_autoencoder_parser
 from ldm_scratch.config import AUTOENCODER_PRESETS, SHORTCUTS, UP_SHORTCUTS, AutoencoderConfig, get_preset
 from ldm_scratch.losses import PIXEL_LOSSES
@@ -117,16 +118,10 @@ def arch_flags(args: argparse.Namespace) -> list[str]:
 
 
 def residual_config(args: argparse.Namespace) -> AutoencoderConfig:
-    """The residual variant's architecture: the preset with the shortcut and capacity flags applied."""
-    cfg = get_preset(AUTOENCODER_PRESETS, args.preset)
-    cfg.shortcut, cfg.free_latent_channels = "residual", args.free_latent_channels
-    cfg.up_shortcut = args.up_shortcut
-    for field in ("ch", "num_res_blocks", "norm_groups"):
-        if getattr(args, field) is not None:
-            setattr(cfg, field, getattr(args, field))
-    if args.ch_mult is not None:
-        cfg.ch_mult = tuple(args.ch_mult)
-    return cfg
+    """The residual variant's architecture, built the way train-autoencoder builds it from variant_argv
+    (the preset, then its flags), so the step-0 row and the trained model cannot differ in layout."""
+    cli = train_autoencoder_parser().parse_args(variant_argv(args, "residual", LR_DEFAULT["residual"]))  # lr: no part of the layout
+    return apply_flags(get_preset(AUTOENCODER_PRESETS, args.preset, "autoencoder"), cli)
 
 
 def step0_codec(args: argparse.Namespace) -> dict:

@@ -12,7 +12,7 @@ For each model, four views of its reconstructions (posterior mode, float32):
 3. the mean signed error per colour channel (a colour bias), on the held-out photos and on 256 training crops,
    and the PSNR the held-out photo would have with its own bias subtracted;
 4. the held-out photos run whole vs as tiles of the training crop size.
-Photos larger than 1024 pixels on a side are centre-cropped to 512 x 512 in view 1. Writes OUT/report.md
+Training photos larger than 1024 pixels on a side are centre-cropped to 512 x 512 in view 1. Writes OUT/report.md
 (and prints it).
 """
 from __future__ import annotations
@@ -74,9 +74,13 @@ def analyse(label: str, model: AutoencoderKL, crop: int) -> list[str]:
     f = model.cfg.f
     lines = [f"## {label}", "", f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, f = {f}.", "",
              "| photo | held out | floor dB | codec dB | gain dB |", "| --- | --- | --- | --- | --- |"]
+    held_out = {}  # name -> (x, reconstruction), reused by the views below
     for name in HELDOUT_PHOTOS + TRAIN_PHOTOS:
-        x = photo(name, f, big_crop=True)
-        fl, rec = psnr(floor_reconstruction(x, f), x), psnr(reconstruct(model, x), x)
+        x = photo(name, f, big_crop=name not in HELDOUT_PHOTOS)
+        x_rec = reconstruct(model, x)
+        if name in HELDOUT_PHOTOS:
+            held_out[name] = (x, x_rec)
+        fl, rec = psnr(floor_reconstruction(x, f), x), psnr(x_rec, x)
         lines.append(f"| {name} | {'yes' if name in HELDOUT_PHOTOS else 'no'} | {fl:.2f} | {rec:.2f} | {rec - fl:+.2f} |")
     names = ["quietest 25%", "25-50%", "50-75%", "75-90%", "busiest 10%"]
     lines += ["", "Blocks by their own pixel variance: share of the codec's squared error / codec MSE over the floor's:", "",
@@ -87,9 +91,8 @@ def analyse(label: str, model: AutoencoderKL, crop: int) -> list[str]:
                  + " / ".join(f"{v:+.4f}" for v in (rec_crops - crops).mean((0, 2, 3)).tolist())
                  + f" | {float((rec_crops - crops).median()):+.4f} | - | - |"]
     tile_rows = []
-    for name in HELDOUT_PHOTOS:
-        x = photo(name, f)
-        rec, floor = reconstruct(model, x), floor_reconstruction(x, f)
+    for name, (x, rec) in held_out.items():
+        floor = floor_reconstruction(x, f)
         rows = by_activity(x, rec, floor, f)
         ratio = float(((rec - x) ** 2).mean() / ((floor - x) ** 2).mean())
         lines.append(f"| {name} | {ratio:.3f} | " + " | ".join(f"{r['share']:.2f} / {r['ratio']:.2f}" for r in rows) + " |")

@@ -3,11 +3,12 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 from ldm_scratch.autoencoder import AutoencoderKL
 from ldm_scratch.cli.stage1 import train_autoencoder_parser
 from ldm_scratch.cli.flags import apply_flags
-from ldm_scratch.config import AUTOENCODER_PRESETS, get_preset
+from ldm_scratch.config import AUTOENCODER_PRESETS, AutoencoderConfig, get_preset
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -63,8 +64,6 @@ def errors():
 
 def _step0_codec(levels=4):
     """The untrained residual f = 8 codec: area-down, then nearest-up (every branch starts at zero)."""
-    from ldm_scratch.config import AutoencoderConfig
-    import torch
     torch.manual_seed(0)
     return AutoencoderKL(AutoencoderConfig(in_channels=3, ch=8, ch_mult=(1,) * levels, num_res_blocks=1, z_channels=4,
                                            norm_groups=4, shortcut="residual")).eval()
@@ -74,7 +73,6 @@ def test_codec_error_views_on_the_untrained_codec(errors):
     """Closed forms for the codec that IS area-down / nearest-up: it keeps every block's mean, so its mean signed
     error per channel is 0; it acts on each 8 x 8 block alone, so tiles equal the whole; the bins' error shares sum
     to 1; and nearest-up is worse than the bicubic floor (MSE ratio above 1) wherever blocks are not flat."""
-    import torch
     model = _step0_codec()
     g = torch.Generator().manual_seed(0)
     x = torch.nn.functional.interpolate(torch.rand(1, 3, 12, 16, generator=g) * 1.6 - 0.8, size=(96, 128),
