@@ -108,7 +108,10 @@ TRAIN_PHOTOS = ("chelsea", "rocket", "hubble_deep_field", "immunohistochemistry"
 HELDOUT_PHOTOS = ("astronaut", "coffee")
 # Grey textures, used as backgrounds for the coloured digits.
 TEXTURES = ("brick", "grass", "gravel")
-PHOTOS = TRAIN_PHOTOS + HELDOUT_PHOTOS + TEXTURES
+# More photos for the photo autoencoder (--data photos-more): the textures above, two grey scikit-image photos
+# and matplotlib's one RGB sample photo (Grace Hopper's portrait, bundled with matplotlib: no download).
+EXTRA_PHOTOS = TEXTURES + ("coins", "moon", "grace_hopper")
+PHOTOS = TRAIN_PHOTOS + HELDOUT_PHOTOS + tuple(dict.fromkeys(TEXTURES + EXTRA_PHOTOS))
 
 _photo_cache: dict[str, torch.Tensor] = {}
 
@@ -118,8 +121,13 @@ def load_photo_uint8(name: str) -> torch.Tensor:
     if name not in PHOTOS:
         raise ValueError(f"unknown photo {name!r}; valid names: {', '.join(PHOTOS)}")
     if name not in _photo_cache:
-        import skimage.data  # imported here: MNIST users should not pay for scikit-image's import
-        img = getattr(skimage.data, name)()
+        if name == "grace_hopper":
+            import matplotlib.cbook
+            import matplotlib.image
+            img = np.array(matplotlib.image.imread(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)))
+        else:
+            import skimage.data  # imported here: MNIST users should not pay for scikit-image's import
+            img = getattr(skimage.data, name)()
         if isinstance(img, tuple):  # stereo_motorcycle is (left, right, disparity): take the left view
             img = img[0]
         img = np.asarray(img, dtype=np.uint8)

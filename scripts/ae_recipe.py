@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="residual only: the decoder's upsampling shortcut (bicubic: the untrained codec is the floor)")
     p.add_argument("--augment", action="store_true",
                    help="--data photos-aug: crops also rotated by multiples of 90 degrees, colour channels shuffled")
+    p.add_argument("--more-photos", action="store_true",
+                   help="--data photos-more: the eight training photos plus data.EXTRA_PHOTOS (grey textures and photos, "
+                        "matplotlib's RGB portrait)")
     p.add_argument("--steps", type=int, default=None,
                    help="a step count instead of the wall clock (say, what 2 idle threads do in --minutes, for a run "
                         "that shares the machine); --minutes is then not a limit")
@@ -77,10 +80,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def data_name(args: argparse.Namespace) -> str:
+    """train-autoencoder's --data for the recipe's crops."""
+    if args.augment and args.more_photos:
+        raise ValueError("--augment and --more-photos are separate datasets; pick one")
+    return "photos-aug" if args.augment else "photos-more" if args.more_photos else "photos"
+
+
 def variant_argv(args: argparse.Namespace, shortcut: str, lr: float) -> list[str]:
     """The train-autoencoder command line of one variant."""
     out = Path(args.out) / shortcut
-    argv = ["--preset", args.preset, "--shortcut", shortcut, "--data", "photos-aug" if args.augment else "photos",
+    argv = ["--preset", args.preset, "--shortcut", shortcut, "--data", data_name(args),
             "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--lr", str(lr),
             "--lr-warmup-steps", str(args.lr_warmup_steps), "--betas", *map(str, args.betas),
             "--perceptual-weight", str(args.perceptual_weight), "--pixel-loss", args.pixel_loss, "--disc-start", str(args.disc_start),
@@ -141,6 +151,7 @@ def render(report: dict) -> str:
              f"{a['perceptual_weight']:g}, disc_start {a['disc_start'] if a['disc_start'] < NEVER else 'never'}"
              f"{', free latent channels' if a.get('free_latent_channels') else ''}"
              f"{', crops rotated and colour channels shuffled (photos-aug)' if a.get('augment') else ''}"
+             f"{', extra photos (photos-more)' if a.get('more_photos') else ''}"
              f"{', squared-error (l2) pixel loss' if a.get('pixel_loss', 'l1') == 'l2' else ''}"
              f"{', bicubic up-shortcuts' if a.get('up_shortcut', 'nearest') == 'bicubic' else ''}"
              f"{''.join(f', {k} {a[k]}' for k in ('ch', 'ch_mult', 'num_res_blocks', 'norm_groups') if a.get(k) is not None)}"

@@ -55,6 +55,15 @@ def test_steps_replace_the_wall_clock(recipe):
     assert parsed.steps == recipe.NEVER and parsed.max_minutes == 30  # the clock decides
 
 
+def test_data_choice(recipe):
+    """--augment / --more-photos pick train-autoencoder's --data; both at once is refused, not silently one."""
+    for flags, name in (([], "photos"), (["--augment"], "photos-aug"), (["--more-photos"], "photos-more")):
+        parsed = train_autoencoder_parser().parse_args(recipe.variant_argv(recipe.parse_args(flags), "residual", 3e-5))
+        assert parsed.data == name
+    with pytest.raises(ValueError, match="pick one"):
+        recipe.variant_argv(recipe.parse_args(["--augment", "--more-photos"]), "residual", 3e-5)
+
+
 # ----------------------------------------------------------------------------- scripts/photo_codec_errors.py
 
 @pytest.fixture(scope="module")

@@ -114,6 +114,23 @@ def test_photo_crops_augment_rotates_and_shuffles_channels_only():
     assert build_data("photos-aug", 32, 0).augment and not build_data("photos", 32, 0).augment
 
 
+def test_photos_more_adds_the_extra_photos_and_never_a_held_out_one():
+    """--data photos-more: crops of the eight training photos plus data.EXTRA_PHOTOS (grey textures and photos,
+    matplotlib's RGB portrait), all read from installed packages; astronaut and coffee stay out."""
+    from ldm_scratch.cli.flags import build_data
+    assert not set(data.EXTRA_PHOTOS) & set(data.HELDOUT_PHOTOS)
+    portrait = data.load_photo_uint8("grace_hopper")
+    assert portrait.shape == (3, 600, 512) and portrait.dtype == torch.uint8
+    assert not torch.equal(portrait[0], portrait[2])  # a colour photo, not grey replicated
+    more, plain = build_data("photos-more", 32, 0), build_data("photos", 32, 0)
+    assert len(more.versions) == len(data.TRAIN_PHOTOS) + len(data.EXTRA_PHOTOS) == len(plain.versions) + 6
+    # the extra photos' full-size versions are there, pixel for pixel
+    for name, versions in zip(data.TRAIN_PHOTOS + data.EXTRA_PHOTOS, more.versions):
+        assert torch.equal(versions[0], data.load_photo_uint8(name))
+    x = torch.stack([more[i] for i in range(64)])
+    assert x.shape == (64, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
+
+
 def test_area_downsample():
     img = torch.tensor([[[0, 2], [4, 6]]], dtype=torch.uint8).expand(3, 2, 2)
     assert data.area_downsample(img, 2).flatten().tolist() == [3, 3, 3]  # mean of 0, 2, 4, 6

@@ -104,7 +104,7 @@ def build_data(name: str, image_size: int | None, seed: int,
                data_dir: str | None = None) -> torch.utils.data.Dataset:
     """The training images of --data: mnist5k (1 x 32 x 32 digits), colored (3 x 32 x 32 captioned
     coloured digits), photos (random 3 x S x S crops; photos-aug adds 90-degree rotations and shuffled colour
-    channels) or folder (the user's own images)."""
+    channels; photos-more draws from data.EXTRA_PHOTOS too) or folder (the user's own images)."""
     from ldm_scratch import data
     if name == "mnist5k":
         return data.MNIST5k("train", pad_to=image_size or 32)
@@ -118,6 +118,9 @@ def build_data(name: str, image_size: int | None, seed: int,
         return data.ColoredDigits("train")
     if name in ("photos", "photos-aug"):
         return data.PhotoCrops(size=image_size or 64, length=PHOTO_CROPS, seed=seed, augment=name == "photos-aug")
+    if name == "photos-more":
+        return data.PhotoCrops(size=image_size or 64, length=PHOTO_CROPS, seed=seed,
+                               names=data.TRAIN_PHOTOS + data.EXTRA_PHOTOS)
     if name == "folder":
         from ldm_scratch.loaders import ImageFolder
         if not data_dir:
@@ -126,4 +129,4 @@ def build_data(name: str, image_size: int | None, seed: int,
     raise ValueError(f"unknown data {name!r}; valid: {', '.join(DATASETS)}")
 
 
-DATASETS = ("mnist5k", "colored", "photos", "photos-aug", "folder")
+DATASETS = ("mnist5k", "colored", "photos", "photos-aug", "photos-more", "folder")
