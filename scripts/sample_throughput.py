@@ -25,6 +25,10 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--guidance-scale", type=float, default=3.0)
     p.add_argument("--compile", action="store_true", help="sample through pipe.compile() (device.CompiledForSampling)")
+    p.add_argument("--inductor-patterns", action="store_true",
+                   help="with --compile: keep inductor's pattern passes (they swap our attention for the fused kernel), "
+                        "as pipe.compile() did before 2026-12-08")
+    p.add_argument("--repeat", type=int, default=1, help="timed calls in this process (each one printed, then the median)")
     p.add_argument("--previous-attention", action="store_true",
                    help="without autograd, the fused kernel from 1,024 query x key pairs on, as before 2026-12-07 "
                         "(layers.NO_GRAD_BF16_SOFTMAX_MAX_PAIRS = 0: no plain path with the softmax in bf16)")
@@ -44,7 +48,7 @@ def main() -> None:
     warm = labels[:min(a.batch_size, a.images)] if a.compile else labels[:20]  # compile the timed call's shape
     start = time.perf_counter()
     if a.compile:
-        pipe.compile()
+        pipe.compile(inductor_patterns=a.inductor_patterns)
     pipe(class_labels=warm.tolist(), num_inference_steps=5, guidance_scale=a.guidance_scale, sampler=sampler,
          output_type="tensor", batch_size=a.batch_size)  # warm-up
     if a.compile:
@@ -53,15 +57,21 @@ def main() -> None:
     if a.compare_attention_rules:
         compare_attention_rules(pipe, labels, sampler, a)
         return
-    t = time.perf_counter()
-    out = pipe(class_labels=labels.tolist(), num_inference_steps=a.steps, guidance_scale=a.guidance_scale,
-               sampler=sampler, output_type="tensor", generator=torch.Generator().manual_seed(0),
-               batch_size=a.batch_size)
-    dt = time.perf_counter() - t
+    times = []
+    for _ in range(a.repeat):
+        t = time.perf_counter()
+        out = pipe(class_labels=labels.tolist(), num_inference_steps=a.steps, guidance_scale=a.guidance_scale,
+                   sampler=sampler, output_type="tensor", generator=torch.Generator().manual_seed(0),
+                   batch_size=a.batch_size)
+        times.append(time.perf_counter() - t)
+        if a.repeat > 1:
+            print(f"timed call {len(times)}: {times[-1]:.1f} s", flush=True)
+    dt = sorted(times)[len(times) // 2]
     print(f"{a.pipeline}: {a.images} images x {a.steps} {sampler} steps ({pipe.objective.name}, guidance "
           f"{a.guidance_scale:g}, decode included{', compiled' if a.compile else ''}"
+          f"{', inductor patterns kept' if a.inductor_patterns else ''}"
           f"{', fused attention' if a.fused_attention else ''}"
-          f"{', previous attention rule' if a.previous_attention else ''}, batches of {a.batch_size}): {dt:.1f} s on "
+          f"{', previous attention rule' if a.previous_attention else ''}, batches of {a.batch_size}): {dt:.1f} s{' (median of ' + str(a.repeat) + ')' if a.repeat > 1 else ''} on "
           f"{torch.get_num_threads()} threads; "
           f"images {tuple(out.images.shape)}")
 

@@ -416,3 +416,29 @@ def test_compiled_wrapper_runs_the_plain_model_when_gradients_are_on(monkeypatch
     out = pipe.compiled(x, t, torch.tensor([1, 2]))
     assert calls == [] and out.requires_grad
     torch.testing.assert_close(out, pipe.denoiser(x, t, torch.tensor([1, 2])))
+
+
+def test_compiled_calls_run_without_inductor_pattern_passes(monkeypatch):
+    """device.CompiledDenoiser turns inductor's pattern passes off while it compiles and runs (they would swap
+    layers.attention for the fused kernel, slower at our sizes) and freezes the weights for sampling only;
+    inductor_patterns=True keeps the passes. The global config is left as it was."""
+    import torch._inductor.config as inductor_config
+    seen = []
+
+    def fake_compile(model, **kwargs):
+        def call(*args, **kw):
+            seen.append((inductor_config.pattern_matcher, inductor_config.freezing))
+            return model(*args, **kw)
+        return call
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    before = inductor_config.pattern_matcher
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([5, 9]), torch.tensor([1, 2])
+    with torch.no_grad():
+        make("class").compile().compiled(x, t, y)
+        make("class").compile(inductor_patterns=True).compiled(x, t, y)
+    from ldm_scratch.device import CompiledForTraining
+    den = make("class").denoiser
+    CompiledForTraining(den, verbose=False)(x, t, y)
+    assert seen == [(False, True), (True, True), (False, False)]
+    assert inductor_config.pattern_matcher == before
