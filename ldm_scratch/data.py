@@ -111,7 +111,7 @@ TEXTURES = ("brick", "grass", "gravel")
 # More photos for the photo autoencoder (--data photos-more): the textures above, two grey scikit-image photos
 # and matplotlib's one RGB sample photo (Grace Hopper's portrait, bundled with matplotlib: no download).
 EXTRA_PHOTOS = TEXTURES + ("coins", "moon", "grace_hopper")
-PHOTOS = TRAIN_PHOTOS + HELDOUT_PHOTOS + tuple(dict.fromkeys(TEXTURES + EXTRA_PHOTOS))
+PHOTOS = TRAIN_PHOTOS + HELDOUT_PHOTOS + EXTRA_PHOTOS  # every name load_photo knows (the textures included)
 
 _photo_cache: dict[str, torch.Tensor] = {}
 
@@ -124,7 +124,8 @@ def load_photo_uint8(name: str) -> torch.Tensor:
         if name == "grace_hopper":
             import matplotlib.cbook
             import matplotlib.image
-            img = np.array(matplotlib.image.imread(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)))
+            path = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)  # in matplotlib's install
+            img = np.array(matplotlib.image.imread(path))  # a writable copy: (600, 512, 3) uint8
         else:
             import skimage.data  # imported here: MNIST users should not pay for scikit-image's import
             img = getattr(skimage.data, name)()

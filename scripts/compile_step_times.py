@@ -33,8 +33,8 @@ def one_cell(which: str, mode: str, steps: int) -> dict:
     model = (UNet(dataclasses.replace(UNET_PRESETS["text-latent"](), num_classes=10)) if which == "unet"
              else DiT(dataclasses.replace(DIT_PRESETS["dit-small-latent"](), num_classes=10)))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    forward = model if mode == "eager" else CompiledForTraining(model, verbose=False,
-                                                                inductor_patterns=mode.startswith("compiled, patterns on"))
+    patterns = mode.startswith("compiled, patterns on")
+    forward = model if mode == "eager" else CompiledForTraining(model, verbose=False, inductor_patterns=patterns)
     x, y = torch.randn(64, 4, 8, 8), torch.randint(0, 10, (64,))
     times = []
     for _ in range(steps):
@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
                 r = json.loads(out.strip().splitlines()[-1])
                 results.setdefault((which, mode), []).append(r)
                 print(f"{which}, {mode}: {r['ms']:.1f} ms/step, first step {r['first_s']:.1f} s", flush=True)
-    print(f"\n{args.threads} thread(s), batch 64, bf16 autocast, fused AdamW; ms per step (median; first step incl. compiling)")
+    print(f"\n{args.threads} thread(s), batch 64, bf16 autocast, fused AdamW; "
+          "ms per step (median; first step incl. compiling)")
     print("| denoiser | " + " | ".join(MODES) + " |")
     print("| --- |" + " --- |" * len(MODES))
     for which in ("unet", "dit"):

@@ -37,6 +37,8 @@ def main() -> None:
     p.add_argument("--fused-attention", action="store_true",
                    help="PyTorch's fused attention kernel under CPU bf16 too (layers.CPU_BF16_PLAIN_ATTENTION = False)")
     a = p.parse_args()
+    if a.repeat < 1:
+        p.error(f"--repeat must be at least 1, got {a.repeat}")
     torch.set_num_threads(a.legacy_threads or a.threads)
     if a.fused_attention:
         layers.CPU_BF16_PLAIN_ATTENTION = False

@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
                 ms.setdefault((i, d), []).append(per_step)
                 print(f"round {r + 1} {d} {tree}: {per_step:.1f} ms/step (runs {t_short:.1f} / {t_long:.1f} s)",
                       flush=True)
-    print(f"\n{args.threads} thread(s); ms per training step of 64 (median over rounds); steps/min; ratio to the first tree")
+    print(f"\n{args.threads} thread(s); ms per training step of 64 (median over rounds); steps/min; "
+          "ratio to the first tree")
     print("| denoiser | " + " | ".join(str(t) for t in trees) + " |")
     print("| --- |" + " --- |" * len(trees))
     for d in args.denoisers:
