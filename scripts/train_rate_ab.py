@@ -1,5 +1,6 @@
 """Training steps per minute at the command line's defaults, two checkouts side by side (issue #15's "2x today's").
 
+    git worktree add /tmp/base15 5d32312       # the code of the day issue #15 was filed
     python scripts/train_rate_ab.py --trees /tmp/base15 . --threads 2
 
 Each (tree, denoiser) runs `train-diffusion` twice in a fresh process, for --short and --long steps, with
