@@ -145,10 +145,10 @@ class CompiledDenoiser(nn.Module):
         seconds each took (compiling and the first run) are kept in `compile_seconds`;
       - inductor's pattern-matching passes are off (`torch._inductor.config.pattern_matcher = False`, for this
         model's compiles only). With them on, inductor rewrites our softmax(QK^T / sqrt(d)) V (layers.attention)
-        into PyTorch's fused attention kernel, which is slow at our sizes: 35% of a compiled guided U-Net forward
+        into PyTorch's fused attention kernel, which is slow at our sizes: 37% of a compiled guided U-Net forward
         on the 2-core AMD EPYC went to it (2.9 ms a call at 16-64 positions of head width 12-24, batch 250;
-        scripts/profile_compiled_sampling.py). Off, 1,000 guided U-Net images sample 1.1-1.3x faster, and a
-        compiled training step is as fast or faster (README "Speed"). `inductor_patterns=True` restores them.
+        scripts/profile_compiled_sampling.py). Off, 1,000 guided U-Net images sample 1.1-1.3x faster; a
+        compiled training step is as fast either way (README "Speed"). `inductor_patterns=True` restores them.
     The plain model stays `model`: save, average (EMA) and load it as before. Subclasses say when to compile."""
 
     what = "the denoiser"

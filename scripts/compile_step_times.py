@@ -2,9 +2,9 @@
 
     python scripts/compile_step_times.py --threads 2          # give it an idle machine
 
-One class-conditional training step (batch 64 of 4 x 8 x 8 latents, bf16 autocast, the DDPM loss, backward, fused
-AdamW) of the U-Net (`text-latent` widths) and the DiT (`dit-small-latent`), through device.CompiledForTraining as
-`train-diffusion --compile` runs it. Each cell is a fresh process (dynamo keeps one compiled graph per model and
+One class-conditional training step as the Trainer takes it (bench_profile.train_step: batch 64 of 4 x 8 x 8
+latents, bf16 autocast, the DDPM loss, backward, gradient clipping, fused AdamW, EMA) of the U-Net (`text-latent`
+widths) and the DiT (`dit-small-latent`), through device.CompiledForTraining as `train-diffusion --compile` runs it. Each cell is a fresh process (dynamo keeps one compiled graph per model and
 would not recompile for a config change); the first step (compiling included) is reported on its own, the step
 time is the median of the rest. "patterns on" is what `--compile` did before 2026-12-08: inductor's pattern passes
 rewrote layers.attention into PyTorch's fused attention kernel.
@@ -21,8 +21,10 @@ MODES = ("eager", "compiled, patterns on", "compiled, patterns off (default)")
 
 
 def one_cell(which: str, mode: str, steps: int) -> dict:
-    """Runs in the child process: times `steps` training steps."""
+    """Runs in the child process: times `steps` training steps (bench_profile.train_step: the Trainer's step)."""
     import torch
+    from ldm_scratch.bench_profile import train_step
+    from ldm_scratch.bench_timing import median_ms
     from ldm_scratch.config import DIT_PRESETS, UNET_PRESETS
     from ldm_scratch.device import CompiledForTraining
     from ldm_scratch.diffusion import GaussianDiffusion
@@ -32,21 +34,17 @@ def one_cell(which: str, mode: str, steps: int) -> dict:
     diffusion = GaussianDiffusion()
     model = (UNet(dataclasses.replace(UNET_PRESETS["text-latent"](), num_classes=10)) if which == "unet"
              else DiT(dataclasses.replace(DIT_PRESETS["dit-small-latent"](), num_classes=10)))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     patterns = mode.startswith("compiled, patterns on")
     forward = model if mode == "eager" else CompiledForTraining(model, verbose=False, inductor_patterns=patterns)
-    x, y = torch.randn(64, 4, 8, 8), torch.randint(0, 10, (64,))
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = diffusion.loss(forward, x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-    rest = sorted(times[10:])
-    return {"first_s": times[0], "ms": 1000 * rest[len(rest) // 2], "loss": loss.item()}
+    batch = (torch.randn(64, 4, 8, 8), torch.randint(0, 10, (64,)))
+    step = train_step(forward, batch, lambda m, b: diffusion.loss(m, *b), torch.device("cpu"), "bf16")
+    start = time.perf_counter()
+    step()  # the first step: compiling included
+    first = time.perf_counter() - start
+    ms = median_ms(step, warmup=9, reps=steps - 10, device=torch.device("cpu"))
+    with torch.no_grad():
+        loss = diffusion.loss(model, *batch, generator=torch.Generator().manual_seed(0))  # after the steps
+    return {"first_s": first, "ms": ms, "loss": loss.item()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -69,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
                 r = json.loads(out.strip().splitlines()[-1])
                 results.setdefault((which, mode), []).append(r)
                 print(f"{which}, {mode}: {r['ms']:.1f} ms/step, first step {r['first_s']:.1f} s", flush=True)
-    print(f"\n{args.threads} thread(s), batch 64, bf16 autocast, fused AdamW; "
+    print(f"\n{args.threads} thread(s), batch 64, bf16 autocast, clipping, fused AdamW, EMA; "
           "ms per step (median; first step incl. compiling)")
     print("| denoiser | " + " | ".join(MODES) + " |")
     print("| --- |" + " --- |" * len(MODES))

@@ -12,7 +12,6 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 
 
 def profile_one(pipeline: str, batch_size: int, patterns: bool, rows: int) -> None:
@@ -20,6 +19,7 @@ def profile_one(pipeline: str, batch_size: int, patterns: bool, rows: int) -> No
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from ldm_scratch.bench_timing import median_ms
     from ldm_scratch.device import CompiledForSampling
     from ldm_scratch.pipeline import LatentDiffusionPipeline
     pipe = LatentDiffusionPipeline.from_pretrained(pipeline)
@@ -33,15 +33,10 @@ def profile_one(pipeline: str, batch_size: int, patterns: bool, rows: int) -> No
     y = torch.randint(0, cfg.num_classes + 1, (n,))  # the last index is the null class
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         compiled(x, t, y)  # compiles
-        times = []
-        for _ in range(22):
-            start = time.perf_counter()
-            compiled(x, t, y)
-            times.append(time.perf_counter() - start)
+        ms = median_ms(lambda: compiled(x, t, y), warmup=2, reps=20, device=torch.device("cpu"))
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(5):
                 compiled(x, t, y)
-    ms = 1000 * sorted(times[2:])[10]
     print(f"\n## inductor pattern passes {'on' if patterns else 'off'}: {ms:.1f} ms per guided forward of {n} "
           f"(compiling took {compiled.compile_seconds[0]:.1f} s)")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))

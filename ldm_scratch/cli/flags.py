@@ -116,11 +116,10 @@ def build_data(name: str, image_size: int | None, seed: int,
             raise ValueError(f"--data colored is {data.ColoredDigits.SIZE} x {data.ColoredDigits.SIZE}; "
                              f"got --image-size {image_size}")
         return data.ColoredDigits("train")
-    if name in ("photos", "photos-aug"):
-        return data.PhotoCrops(size=image_size or 64, length=PHOTO_CROPS, seed=seed, augment=name == "photos-aug")
-    if name == "photos-more":
-        return data.PhotoCrops(size=image_size or 64, length=PHOTO_CROPS, seed=seed,
-                               names=data.TRAIN_PHOTOS + data.EXTRA_PHOTOS)
+    if name in ("photos", "photos-aug", "photos-more"):
+        names = data.TRAIN_PHOTOS + (data.EXTRA_PHOTOS if name == "photos-more" else ())
+        return data.PhotoCrops(size=image_size or 64, length=PHOTO_CROPS, names=names, seed=seed,
+                               augment=name == "photos-aug")
     if name == "folder":
         from ldm_scratch.loaders import ImageFolder
         if not data_dir:
