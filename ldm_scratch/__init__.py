@@ -18,4 +18,10 @@ Glossary (paper symbols, used the same way in every file):
 Shape letters: B batch, C channels, H W spatial, N tokens, D width, P patch size, f downsampling.
 """
 
+import os as _os
+
 __version__ = "0.1.0"
+
+if _os.environ.get("LDM_MALLOC_TUNING", "1") != "0":  # glibc keeps freed memory for the next step (device.tune_malloc)
+    from ldm_scratch.device import tune_malloc as _tune_malloc
+    _tune_malloc()

@@ -170,24 +170,28 @@ class LatentDiffusionPipeline:
         for m in self.modules():
             m.to(device)
         if self.compiled is not None:  # frozen weights live on the old device: compile afresh
-            self.compile(channels_last=self.compiled.channels_last, verbose=self.compiled.verbose)
+            self.compile(channels_last=self.compiled.channels_last, verbose=self.compiled.verbose,
+                         inductor_patterns=self.compiled.inductor_patterns, pad_batches=self.compiled.pad_batches)
         return self
 
     def compile(self, enabled: bool = True, channels_last: bool | None = None,
-                verbose: bool = True, inductor_patterns: bool = False) -> LatentDiffusionPipeline:
+                verbose: bool = True, inductor_patterns: bool = False,
+                pad_batches: bool = True) -> LatentDiffusionPipeline:
         """Sample (and edit) through the denoiser compiled with torch.compile and its weights frozen in
         (device.CompiledForSampling): 2.1-2.6x faster sampling on the Intel box (README "Speed"), after 14-24 s
         of compiling at the first call of each batch shape, so it pays off from about a thousand images on. Off by
         default; compile(False) undoes it. channels_last (default: for the U-Net, whose convolutions gain from it)
         stores the denoiser's weights NHWC, in place, values unchanged. Training and save_pretrained always use
         the plain `denoiser`. inductor_patterns=True keeps inductor's pattern passes, which swap our attention for
-        the fused kernel (slower here: device.CompiledDenoiser)."""
+        the fused kernel (slower here: device.CompiledDenoiser). pad_batches: a batch up to half smaller than one
+        already compiled (the last of 1,000 images in batches of 256; w = 1 after a guided call) runs padded to
+        that size instead of compiling again (device.CompiledForSampling)."""
         if not enabled:
             self.compiled = None
             self.denoiser.to(memory_format=torch.contiguous_format)
             return self
         channels_last = self.kind == "unet" if channels_last is None else channels_last
-        self.compiled = CompiledForSampling(self.denoiser, channels_last, verbose, inductor_patterns)
+        self.compiled = CompiledForSampling(self.denoiser, channels_last, verbose, inductor_patterns, pad_batches)
         return self
 
     @property

@@ -20,14 +20,15 @@ DENOISERS = {"unet": ["--denoiser", "unet", "--preset", "text-latent"],
              "dit": ["--denoiser", "dit", "--preset", "dit-small-latent"]}
 
 
-def run_seconds(tree: Path, denoiser: str, steps: int, threads: int, extra: list[str]) -> float:
+def run_seconds(tree: Path, denoiser: str, steps: int, threads: int, extra: list[str],
+                env_extra: dict[str, str] | None = None) -> float:
     """Wall seconds of one train-diffusion run of `steps` steps in `tree` (its own package, its own defaults)."""
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "ldm_scratch", "train-diffusion", "--space", "latent",
                "--autoencoder", "ldm_scratch/weights/ae_mnist_f4", "--data", "mnist5k", "--conditioning", "class",
                *DENOISERS[denoiser], "--steps", str(steps), "--batch-size", "64", "--sample-every", "0",
                "--ckpt-every", str(10 * steps), "--out", out, *extra]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(tree)}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(tree), **(env_extra or {})}
         start = time.perf_counter()
         subprocess.run(cmd, cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return time.perf_counter() - start
@@ -41,19 +42,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--long", type=int, default=600)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--baseline-env", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="environment for the FIRST tree's runs only (say, --trees . . --baseline-env "
+                        "LDM_MALLOC_TUNING=0 to time one checkout with and without a setting)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="more train-diffusion flags for the LAST tree only (say, --compile)")
     args = p.parse_args(argv)
     if args.long <= args.short:
         raise SystemExit(f"--long ({args.long}) must exceed --short ({args.short})")
+    bad = [kv for kv in args.baseline_env if "=" not in kv or kv.startswith("=")]
+    if bad:
+        raise SystemExit(f"--baseline-env takes KEY=VALUE, got {bad}")
+    baseline_env = dict(kv.split("=", 1) for kv in args.baseline_env)
     trees = [Path(t).resolve() for t in args.trees]
     ms: dict[tuple[int, str], list[float]] = {}
     for r in range(args.rounds):
         for d in args.denoisers:
             for i, tree in enumerate(trees):
                 extra = args.extra if i == len(trees) - 1 else []
-                t_short = run_seconds(tree, d, args.short, args.threads, extra)
-                t_long = run_seconds(tree, d, args.long, args.threads, extra)
+                env_extra = baseline_env if i == 0 else None
+                t_short = run_seconds(tree, d, args.short, args.threads, extra, env_extra)
+                t_long = run_seconds(tree, d, args.long, args.threads, extra, env_extra)
                 per_step = 1000 * (t_long - t_short) / (args.long - args.short)
                 ms.setdefault((i, d), []).append(per_step)
                 print(f"round {r + 1} {d} {tree}: {per_step:.1f} ms/step (runs {t_short:.1f} / {t_long:.1f} s)",

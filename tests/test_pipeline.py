@@ -442,3 +442,44 @@ def test_compiled_calls_run_without_inductor_pattern_passes(monkeypatch):
     CompiledForTraining(den, verbose=False)(x, t, y)
     assert seen == [(False, True), (True, True), (False, False)]
     assert inductor_config.pattern_matcher == before
+
+
+@pytest.mark.parametrize("kind", ["class", "text"])
+def test_compiled_sampling_pads_a_smaller_batch_up_to_a_compiled_one(monkeypatch, kind):
+    """The last partial batch (and w = 1 after a guided call) runs padded to a batch size already compiled, its
+    rows cut back out, instead of compiling again; below half that size, or with pad_batches=False, the new shape
+    is compiled. A fake torch.compile records the rows each call gets and runs the plain model."""
+    rows = []
+
+    def fake_compile(model, **kwargs):
+        def call(x, t, cond):
+            rows.append(x.shape[0])
+            return model(x, t, cond)
+        return call
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    pipe = make(kind)
+    torch.manual_seed(0)
+    den = pipe.denoiser.eval()
+
+    def inputs(n):
+        x, t = torch.randn(n, 4, 8, 8), torch.randint(0, 1000, (n,))
+        if kind == "class":
+            return x, t, torch.randint(0, 11, (n,))
+        context = torch.randn(n, 5, den.cfg.context_dim)
+        return x, t, (context, torch.arange(5).expand(n, 5) < torch.randint(1, 6, (n, 1)))  # (context, mask)
+
+    compiled = pipe.compile(verbose=False).compiled
+    with torch.no_grad():
+        compiled(*inputs(8))                                    # compiles 8 rows
+        args = inputs(6)
+        out = compiled(*args)                                   # 6 fit in 8 with at most half padding: padded
+        assert rows == [8, 8] and out.shape[0] == 6
+        torch.testing.assert_close(out, den(*args), rtol=1e-5, atol=1e-5)  # the padding changes no kept row
+        compiled(*inputs(3))                                    # 3 < 8 / 2: its own shape
+        compiled(*inputs(4))                                    # 4 fits in 8 exactly at half: padded
+        compiled(*inputs(8))                                    # a compiled shape: as it is
+        assert rows == [8, 8, 3, 8, 8]
+        pipe.compile(verbose=False, pad_batches=False).compiled(*inputs(8))
+        pipe.compiled(*inputs(6))
+        assert rows[-2:] == [8, 6]

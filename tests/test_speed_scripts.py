@@ -13,3 +13,24 @@ def test_compile_step_times_cell_trains_the_eager_dit():
 def test_train_rate_ab_refuses_a_long_run_no_longer_than_the_short_one():
     with pytest.raises(SystemExit, match="must exceed"):
         load_script("train_rate_ab").main(["--trees", ".", "--short", "100", "--long", "100"])
+
+
+
+def test_sample_throughput_compares_batch_sizes_in_one_process(tmp_path, capsys):
+    from test_pipeline import make
+    make("class").save_pretrained(tmp_path / "pipe")
+    load_script("sample_throughput").main([str(tmp_path / "pipe"), "--images", "7", "--steps", "2", "--threads", "1",
+                                           "--compare-batch-sizes", "3", "7", "--repeat", "2"])
+    out = capsys.readouterr().out
+    assert out.count("batches of 3:") == 2 and out.count("batches of 7:") == 2  # two rounds, one call per size each
+    assert "median of 2: batches of 3" in out.splitlines()[-1] and "batches of 7" in out.splitlines()[-1]
+
+
+def test_sample_throughput_refuses_a_batch_size_below_one(tmp_path):
+    with pytest.raises(SystemExit):
+        load_script("sample_throughput").main([str(tmp_path), "--compare-batch-sizes", "0"])
+
+
+def test_train_rate_ab_refuses_a_baseline_env_without_a_value():
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        load_script("train_rate_ab").main(["--trees", ".", ".", "--baseline-env", "LDM_MALLOC_TUNING"])
