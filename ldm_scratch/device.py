@@ -154,10 +154,12 @@ def tune_malloc(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM
     Why: every forward allocates its activations afresh and frees them at the end. By default glibc serves
     blocks above its (adaptive) mmap threshold with a fresh mmap and returns them with munmap at free, and gives
     the top of the heap back (trims) once more than twice that threshold is free; either way the next call's
-    memory arrives as new pages that the kernel must fault in and zero. A compiled guided U-Net forward of 500
-    rows took 13,857 minor page faults per call (54 MB of zeroed pages) and 101 ms; with the two thresholds fixed
-    here, 0 faults and 89 ms (2-core AMD EPYC; README "Speed"). Fixed thresholds (mallopt) do that for
-    blocks up to 32 MB and keep up to 512 MB of freed heap, the peak a step needs anyway.
+    memory arrives as new pages that the kernel must fault in and zero. Whether a process falls into that depends
+    on the order of its allocations: a compiled guided U-Net forward of 500 rows took 13,400-14,100 minor page
+    faults per call (about 54 MiB of zeroed pages) and 105-113 ms; with the two thresholds fixed here, 0-390 and
+    90-100 ms (scripts/page_faults.py, 2-core AMD EPYC; README "Speed"); 1,000 U-Net images in the pipeline's
+    default batches of 256 sampled in 19.6-24.7 s as malloc comes and 18.4-19.9 s tuned. Fixed thresholds
+    (mallopt) keep blocks up to 32 MB on the heap and up to 512 MB of freed heap, the peak a step needs anyway.
     A no-op returning False off Linux/glibc, or when a MALLOC_*_ environment variable already tunes malloc
     (yours wins). LDM_MALLOC_TUNING=0 keeps `import ldm_scratch` from calling it."""
     global malloc_tuned

@@ -34,3 +34,16 @@ def test_sample_throughput_refuses_a_batch_size_below_one(tmp_path):
 def test_train_rate_ab_refuses_a_baseline_env_without_a_value():
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         load_script("train_rate_ab").main(["--trees", ".", ".", "--baseline-env", "LDM_MALLOC_TUNING"])
+
+
+def test_page_faults_refuses_a_count_below_one(tmp_path):
+    with pytest.raises(SystemExit):
+        load_script("page_faults").main([str(tmp_path), "--calls", "0"])
+
+
+def test_page_faults_cell_counts_faults_and_times_for_the_eager_denoiser(tmp_path):
+    from test_pipeline import make
+    make("class").save_pretrained(tmp_path / "pipe")
+    cell = load_script("page_faults").one_cell(str(tmp_path / "pipe"), batch_size=2, eager=True, calls=2)
+    assert len(cell["blocks"]) == 3 and all(b["ms"] > 0 and b["faults"] >= 0 for b in cell["blocks"])
+    assert cell["tuned"] in (True, False)  # True on Linux/glibc (importing the package tuned it), else False
