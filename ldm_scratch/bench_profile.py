@@ -206,6 +206,17 @@ def guided_sample_step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, 
     return step
 
 
+def guided_forward_inputs(cfg: Any, batch_size: int, t: int = 500, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """(x, t, labels) for one guided sampling forward of a class-conditional denoiser with config cfg: 2 x
+    batch_size rows (the [cond; null] batch), Gaussian x, every row at timestep t, labels drawn from the classes
+    and the null class (index num_classes). What scripts/page_faults.py and profile_compiled_sampling.py time."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 2 * batch_size
+    x = torch.randn(n, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=gen)
+    labels = torch.randint(0, cfg.num_classes + 1, (n,), generator=gen)  # the last index is the null class
+    return x, torch.full((n,), t), labels
+
+
 class _Closure(nn.Module):
     """fn as a module, for metrics.count_flops (which calls model(*inputs))."""
 

@@ -25,16 +25,12 @@ def one_cell(pipeline: str, batch_size: int, eager: bool, calls: int) -> dict:
 
     from ldm_scratch import device
     from ldm_scratch.device import CompiledForSampling
+    from ldm_scratch.bench_profile import guided_forward_inputs
     from ldm_scratch.pipeline import LatentDiffusionPipeline
     pipe = LatentDiffusionPipeline.from_pretrained(pipeline)
     den = pipe.denoiser.eval()
     model = den if eager else CompiledForSampling(den, pipe.kind == "unet", verbose=False)
-    cfg = den.cfg
-    torch.manual_seed(0)
-    n = 2 * batch_size
-    x = torch.randn(n, cfg.in_channels, cfg.sample_size, cfg.sample_size)
-    t = torch.full((n,), 500)
-    y = torch.randint(0, cfg.num_classes + 1, (n,))  # the last index is the null class
+    x, t, y = guided_forward_inputs(den.cfg, batch_size)  # the guided batch [cond; null], 2 x batch_size rows
     blocks = []
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(x, t, y)  # compiles (or warms up)

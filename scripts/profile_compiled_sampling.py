@@ -21,23 +21,19 @@ def profile_one(pipeline: str, batch_size: int, patterns: bool, rows: int) -> No
 
     from ldm_scratch.bench_timing import median_ms
     from ldm_scratch.device import CompiledForSampling
+    from ldm_scratch.bench_profile import guided_forward_inputs
     from ldm_scratch.pipeline import LatentDiffusionPipeline
     pipe = LatentDiffusionPipeline.from_pretrained(pipeline)
     den = pipe.denoiser.eval()
     compiled = CompiledForSampling(den, pipe.kind == "unet", verbose=False, inductor_patterns=patterns)
-    cfg = den.cfg
-    torch.manual_seed(0)
-    n = 2 * batch_size
-    x = torch.randn(n, cfg.in_channels, cfg.sample_size, cfg.sample_size)
-    t = torch.full((n,), 500)
-    y = torch.randint(0, cfg.num_classes + 1, (n,))  # the last index is the null class
+    x, t, y = guided_forward_inputs(den.cfg, batch_size)  # the guided batch [cond; null], 2 x batch_size rows
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         compiled(x, t, y)  # compiles
         ms = median_ms(lambda: compiled(x, t, y), warmup=2, reps=20, device=torch.device("cpu"))
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(5):
                 compiled(x, t, y)
-    print(f"\n## inductor pattern passes {'on' if patterns else 'off'}: {ms:.1f} ms per guided forward of {n} "
+    print(f"\n## inductor pattern passes {'on' if patterns else 'off'}: {ms:.1f} ms per guided forward of {2 * batch_size} "
           f"(compiling took {compiled.compile_seconds[0]:.1f} s)")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
 

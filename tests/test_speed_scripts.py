@@ -1,5 +1,6 @@
 """scripts/compile_step_times.py and scripts/train_rate_ab.py: the parts that run without compiling or timing."""
 import pytest
+import torch
 
 from test_ae_recipe import load_script
 
@@ -47,3 +48,15 @@ def test_page_faults_cell_counts_faults_and_times_for_the_eager_denoiser(tmp_pat
     cell = load_script("page_faults").one_cell(str(tmp_path / "pipe"), batch_size=2, eager=True, calls=2)
     assert len(cell["blocks"]) == 3 and all(b["ms"] > 0 and b["faults"] >= 0 for b in cell["blocks"])
     assert cell["tuned"] in (True, False)  # True on Linux/glibc (importing the package tuned it), else False
+
+
+def test_guided_forward_inputs_are_the_guided_batch_of_a_class_denoiser():
+    from types import SimpleNamespace
+
+    from ldm_scratch.bench_profile import guided_forward_inputs
+    cfg = SimpleNamespace(in_channels=4, sample_size=8, num_classes=10)
+    x, t, y = guided_forward_inputs(cfg, batch_size=50, t=300)
+    assert x.shape == (100, 4, 8, 8) and t.shape == (100,) and (t == 300).all()
+    assert y.min() >= 0 and y.max() <= 10 and (y == 10).any()  # classes and the null class (index 10)
+    again = guided_forward_inputs(cfg, batch_size=50, t=300)
+    assert torch.equal(x, again[0]) and torch.equal(y, again[2])  # seeded: the same batch every time
