@@ -483,3 +483,12 @@ def test_compiled_sampling_pads_a_smaller_batch_up_to_a_compiled_one(monkeypatch
         pipe.compile(verbose=False, pad_batches=False).compiled(*inputs(8))
         pipe.compiled(*inputs(6))
         assert rows[-2:] == [8, 6]
+
+
+def test_moving_a_compiled_pipeline_keeps_its_compile_options():
+    """pipe.to() compiles afresh (frozen weights live on the old device) with the options it was compiled with."""
+    pipe = make("class").compile(verbose=False, inductor_patterns=True, pad_batches=False)
+    old = pipe.compiled
+    pipe.to("cpu")
+    assert pipe.compiled is not old
+    assert (pipe.compiled.inductor_patterns, pipe.compiled.pad_batches, pipe.compiled.verbose) == (True, False, False)
