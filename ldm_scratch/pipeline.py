@@ -183,9 +183,9 @@ class LatentDiffusionPipeline:
         default; compile(False) undoes it. channels_last (default: for the U-Net, whose convolutions gain from it)
         stores the denoiser's weights NHWC, in place, values unchanged. Training and save_pretrained always use
         the plain `denoiser`. inductor_patterns=True keeps inductor's pattern passes, which swap our attention for
-        the fused kernel (slower here: device.CompiledDenoiser). pad_batches: a batch up to half smaller than one
-        already compiled (the last of 1,000 images in batches of 256; w = 1 after a guided call) runs padded to
-        that size instead of compiling again (device.CompiledForSampling)."""
+        the fused kernel (slower here: device.CompiledDenoiser). pad_batches: a batch at most 1/8 smaller than one
+        already compiled (the last of 1,000 images in batches of 256) runs padded to that size instead of compiling
+        again (device.CompiledForSampling)."""
         if not enabled:
             self.compiled = None
             self.denoiser.to(memory_format=torch.contiguous_format)

@@ -446,9 +446,12 @@ def test_compiled_calls_run_without_inductor_pattern_passes(monkeypatch):
 
 @pytest.mark.parametrize("kind", ["class", "text"])
 def test_compiled_sampling_pads_a_smaller_batch_up_to_a_compiled_one(monkeypatch, kind):
-    """The last partial batch (and w = 1 after a guided call) runs padded to a batch size already compiled, its
-    rows cut back out, instead of compiling again; below half that size, or with pad_batches=False, the new shape
-    is compiled. A fake torch.compile records the rows each call gets and runs the plain model."""
+    """The last partial batch runs padded to a batch size already compiled (the padding at most 1/8 of it), its
+    rows cut back out, instead of compiling again; further below (or with pad_batches=False) the new shape is
+    compiled, since every later call of that size would pay the padding again. A fake torch.compile records the
+    rows each call gets and runs the plain model."""
+    from ldm_scratch.device import PAD_MAX_FRACTION
+    assert PAD_MAX_FRACTION == 1 / 8
     rows = []
 
     def fake_compile(model, **kwargs):
@@ -471,18 +474,19 @@ def test_compiled_sampling_pads_a_smaller_batch_up_to_a_compiled_one(monkeypatch
 
     compiled = pipe.compile(verbose=False).compiled
     with torch.no_grad():
-        compiled(*inputs(8))                                    # compiles 8 rows
-        args = inputs(6)
-        out = compiled(*args)                                   # 6 fit in 8 with at most half padding: padded
-        assert rows == [8, 8] and out.shape[0] == 6
+        compiled(*inputs(16))                                   # compiles 16 rows
+        args = inputs(15)
+        out = compiled(*args)                                   # 1 row of padding: padded to 16
+        assert rows == [16, 16] and out.shape[0] == 15
         torch.testing.assert_close(out, den(*args), rtol=1e-5, atol=1e-5)  # the padding changes no kept row
-        compiled(*inputs(3))                                    # 3 < 8 / 2: its own shape
-        compiled(*inputs(4))                                    # 4 fits in 8 exactly at half: padded
-        compiled(*inputs(8))                                    # a compiled shape: as it is
-        assert rows == [8, 8, 3, 8, 8]
-        pipe.compile(verbose=False, pad_batches=False).compiled(*inputs(8))
-        pipe.compiled(*inputs(6))
-        assert rows[-2:] == [8, 6]
+        compiled(*inputs(14))                                   # 2 of 16 = 1/8: padded
+        compiled(*inputs(12))                                   # 4 of 16: its own shape
+        compiled(*inputs(8))                                    # half (w = 1 after a guided call): its own shape
+        compiled(*inputs(16))                                   # a compiled shape: as it is
+        assert rows == [16, 16, 16, 12, 8, 16]
+        pipe.compile(verbose=False, pad_batches=False).compiled(*inputs(16))
+        pipe.compiled(*inputs(15))
+        assert rows[-2:] == [16, 15]
 
 
 def test_moving_a_compiled_pipeline_keeps_its_compile_options():
