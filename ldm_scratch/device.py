@@ -207,10 +207,15 @@ class CompiledDenoiser(nn.Module):
         self._compiled = torch.compile(self.model, dynamic=False)
         self._seen: set[tuple] = set()
 
+    @staticmethod
+    def _shape_key(x: torch.Tensor) -> tuple:
+        """What a compiled graph is specialised on: the input's shape, device, autocast and autograd state."""
+        return tuple(x.shape), x.device.type, torch.is_autocast_enabled(x.device.type), torch.is_grad_enabled()
+
     def _compiled_call(self, x: torch.Tensor, t: torch.Tensor, cond, freeze: bool) -> torch.Tensor:
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        key = (tuple(x.shape), x.device.type, torch.is_autocast_enabled(x.device.type), torch.is_grad_enabled())
+        key = self._shape_key(x)
         start = time.perf_counter()
         try:
             with torch._inductor.config.patch(freezing=freeze, pattern_matcher=self.inductor_patterns):
@@ -303,7 +308,7 @@ class CompiledForSampling(CompiledDenoiser):
         """The smallest compiled batch that x's rows fit in with at most PAD_MAX_FRACTION of it padding, when x's
         own shape has not been compiled; else None (run as is)."""
         rows, rest = x.shape[0], tuple(x.shape[1:])
-        key = (tuple(x.shape), x.device.type, torch.is_autocast_enabled(x.device.type), torch.is_grad_enabled())
+        key = self._shape_key(x)
         if key in self._seen:
             return None
         fits = [k[0][0] for k in self._seen

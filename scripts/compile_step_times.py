@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -75,8 +76,8 @@ def main(argv: list[str] | None = None) -> None:
         cells = []
         for mode in MODES:
             rs = results[(which, mode)]
-            ms = sorted(r["ms"] for r in rs)[len(rs) // 2]
-            first = sorted(r["first_s"] for r in rs)[len(rs) // 2]
+            ms = statistics.median_high(r["ms"] for r in rs)
+            first = statistics.median_high(r["first_s"] for r in rs)
             cells.append(f"{ms:.1f} ms" + ("" if mode == "eager" else f" (first {first:.0f} s)"))
         print(f"| {which} | " + " | ".join(cells) + " |")
 

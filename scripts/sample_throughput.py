@@ -7,6 +7,7 @@
 One warm-up call first (20 images, 5 steps; with --compile a full batch, so that the compiling happens there and
 its time is printed on its own); the timed call draws all 1,000 in batches of --batch-size."""
 import argparse
+import statistics
 import time
 
 import torch
@@ -14,6 +15,16 @@ import torch
 from ldm_scratch import layers
 from ldm_scratch.bench_profile import matmul_peak_gflops
 from ldm_scratch.pipeline import LatentDiffusionPipeline
+
+
+def timed_call(pipe: LatentDiffusionPipeline, labels: torch.Tensor, sampler: str, a: argparse.Namespace,
+               batch_size: int):
+    """(seconds, output) of one call drawing all of `labels` at --steps / --guidance-scale, seed 0: the call every
+    timing of this script makes."""
+    t = time.perf_counter()
+    out = pipe(class_labels=labels.tolist(), num_inference_steps=a.steps, guidance_scale=a.guidance_scale,
+               sampler=sampler, output_type="tensor", generator=torch.Generator().manual_seed(0), batch_size=batch_size)
+    return time.perf_counter() - t, out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,14 +87,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     times = []
     for _ in range(a.repeat):
-        t = time.perf_counter()
-        out = pipe(class_labels=labels.tolist(), num_inference_steps=a.steps, guidance_scale=a.guidance_scale,
-                   sampler=sampler, output_type="tensor", generator=torch.Generator().manual_seed(0),
-                   batch_size=a.batch_size)
-        times.append(time.perf_counter() - t)
+        dt, out = timed_call(pipe, labels, sampler, a, a.batch_size)
+        times.append(dt)
         if a.repeat > 1:
-            print(f"timed call {len(times)}: {times[-1]:.1f} s", flush=True)
-    dt = sorted(times)[len(times) // 2]
+            print(f"timed call {len(times)}: {dt:.1f} s", flush=True)
+    dt = statistics.median_high(times)
     if a.compile:
         print(f"compiled shapes after the timed calls: {len(pipe.compiled.compile_seconds)} (s each: "
               f"{[round(s, 1) for s in pipe.compiled.compile_seconds]})")
@@ -109,23 +117,18 @@ def compare_batch_sizes(pipe: LatentDiffusionPipeline, labels: torch.Tensor, sam
     sizes alternating in this one process (a drifting machine then slows every size alike); with --compile each size
     first compiles in a warm-up call of its own shape. Prints one line per call and the medians; returns the times."""
     sizes = a.compare_batch_sizes
-    for b in sizes:  # the guided batch 2B (and the last partial batch) compile here, not in a timed call
-        if a.compile:
-            pipe(class_labels=labels[:min(b, len(labels))].tolist(), num_inference_steps=2,
-                 guidance_scale=a.guidance_scale, sampler=sampler, output_type="tensor", batch_size=b)
-            if len(labels) % b:
-                pipe(class_labels=labels[:len(labels) % b].tolist(), num_inference_steps=2,
-                     guidance_scale=a.guidance_scale, sampler=sampler, output_type="tensor", batch_size=b)
+    if a.compile:  # the guided batch 2B (and the last partial batch) compile here, not in a timed call
+        for b in sizes:
+            for n in sorted({min(b, len(labels)), len(labels) % b} - {0}, reverse=True):  # full batch first
+                pipe(class_labels=labels[:n].tolist(), num_inference_steps=2, guidance_scale=a.guidance_scale,
+                     sampler=sampler, output_type="tensor", batch_size=b)
     times: dict[int, list[float]] = {b: [] for b in sizes}
     before = machine_gflops()
     for r in range(a.repeat):
         for b in sizes:
-            t = time.perf_counter()
-            pipe(class_labels=labels.tolist(), num_inference_steps=a.steps, guidance_scale=a.guidance_scale,
-                 sampler=sampler, output_type="tensor", generator=torch.Generator().manual_seed(0), batch_size=b)
-            times[b].append(time.perf_counter() - t)
+            times[b].append(timed_call(pipe, labels, sampler, a, b)[0])
             print(f"round {r + 1}, batches of {b}: {times[b][-1]:.1f} s", flush=True)
-    medians = {b: sorted(v)[len(v) // 2] for b, v in times.items()}
+    medians = {b: statistics.median_high(v) for b, v in times.items()}
     print(f"{a.pipeline}: {len(labels)} images x {a.steps} {sampler} steps, guidance {a.guidance_scale:g}, decode "
           f"included{', compiled' if a.compile else ''}, {torch.get_num_threads()} threads; median of {a.repeat}: "
           + ", ".join(f"batches of {b} {m:.1f} s" for b, m in medians.items())
@@ -141,14 +144,10 @@ def compare_attention_rules(pipe: LatentDiffusionPipeline, labels: torch.Tensor,
     for _ in range(a.compare_attention_rules):
         for rule, max_pairs in (("previous", 0), ("today", today)):
             layers.NO_GRAD_BF16_SOFTMAX_MAX_PAIRS = max_pairs
-            t = time.perf_counter()
-            pipe(class_labels=labels.tolist(), num_inference_steps=a.steps, guidance_scale=a.guidance_scale,
-                 sampler=sampler, output_type="tensor", generator=torch.Generator().manual_seed(0),
-                 batch_size=a.batch_size)
-            times[rule].append(time.perf_counter() - t)
+            times[rule].append(timed_call(pipe, labels, sampler, a, a.batch_size)[0])
             print(f"{rule} rule: {times[rule][-1]:.1f} s", flush=True)
     layers.NO_GRAD_BF16_SOFTMAX_MAX_PAIRS = today
-    prev, now = (sorted(times[k])[len(times[k]) // 2] for k in ("previous", "today"))
+    prev, now = (statistics.median_high(times[k]) for k in ("previous", "today"))
     print(f"{a.pipeline}: {len(labels)} images x {a.steps} {sampler} steps, batches of {a.batch_size}, "
           f"{torch.get_num_threads()} threads; median previous rule {prev:.1f} s, today's {now:.1f} s "
           f"({prev / now:.2f}x)")

@@ -10,6 +10,7 @@ Rounds alternate the trees (A, B, A, B, ...) so a drifting machine hurts both al
 """
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| denoiser | " + " | ".join(str(t) for t in trees) + " |")
     print("| --- |" + " --- |" * len(trees))
     for d in args.denoisers:
-        meds = [sorted(ms[(i, d)])[len(ms[(i, d)]) // 2] for i in range(len(trees))]
+        meds = [statistics.median_high(ms[(i, d)]) for i in range(len(trees))]
         cells = [f"{m:.1f} ms ({60000 / m:.0f}/min, {meds[0] / m:.2f}x)" for m in meds]
         print(f"| {d} | " + " | ".join(cells) + " |")
 
